@@ -1,0 +1,7 @@
+"""freeanimate-jax: FreeAnimate human image animation and AnimateDiff motion modules in JAX."""
+
+from freeanimate_jax.weights.convert import WeightsError
+from freeanimate_jax.weights.loader import load
+
+__all__ = ["load", "WeightsError"]
+__version__ = "0.1.0"

@@ -1,0 +1,141 @@
+"""`load(path_or_hub_id)`: a diffusers/transformers model folder or hub id -> our model.
+
+Reads `config.json` (diffusers `_class_name` or transformers `architectures`), builds the model
+abstractly (no random init), then fills it from safetensors through the strict converter.
+Pickled `.bin` weights load only with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from freeanimate_jax.weights.convert import WeightsError, load_state_dict
+
+# config class name -> (module, class). The class provides `from_config(config, rngs=...)` and
+# optionally `torch_key(key) -> our key | None`.
+MODEL_CLASSES: dict[str, tuple[str, str]] = {
+    "UNet2DConditionModel": ("freeanimate_jax.models.unet", "UNet2DConditionModel"),
+    "ControlNetModel": ("freeanimate_jax.models.controlnet", "ControlNetModel"),
+    "AutoencoderKL": ("freeanimate_jax.models.vae", "AutoencoderKL"),
+    "CLIPTextModel": ("freeanimate_jax.models.clip_text", "CLIPTextModel"),
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Only what loading needs: configs, full-precision safetensors, tokenizer files.
+_HUB_ALLOW = ["*.json", "*.safetensors", "*.txt", "*.model"]
+_HUB_IGNORE = ["*.fp16.*", "*.bin", "*.ckpt", "*.msgpack", "*.onnx", "*.pb", "*.h5", "*.ot"]
+
+
+def resolve_folder(path_or_hub_id: str | Path, subfolder: str | None = None) -> Path:
+    """A local folder as is; an `owner/name` hub id through huggingface_hub (needed files only)."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.exists():
+        folder = path / subfolder if subfolder else path
+    elif _HUB_ID.match(str(path_or_hub_id)):
+        from huggingface_hub import snapshot_download
+
+        allow = [f"{subfolder}/{p}" for p in _HUB_ALLOW] if subfolder else _HUB_ALLOW
+        try:
+            root = snapshot_download(str(path_or_hub_id), allow_patterns=allow,
+                                     ignore_patterns=_HUB_IGNORE)
+        except Exception as e:  # offline, unknown repo, gated: one readable line
+            raise WeightsError(f"{path_or_hub_id}: could not download from the hub "
+                               f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        folder = Path(root) / subfolder if subfolder else Path(root)
+    else:
+        raise WeightsError(f"{path_or_hub_id}: no such folder, and not a hub id (owner/name)")
+    if not folder.is_dir():
+        raise WeightsError(f"{folder}: weights folder does not exist")
+    return folder
+
+
+def read_config(folder: Path) -> dict:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise WeightsError(f"{folder}: no config.json (expected a diffusers or transformers "
+                           f"model folder)")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{cfg}: not valid JSON ({e})") from e
+
+
+def read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    state: dict[str, np.ndarray] = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:
+            raise WeightsError(f"{f}: not a readable safetensors file ({e})") from e
+    return state
+
+
+def read_torch_pickle(file: Path) -> dict[str, np.ndarray]:
+    import torch
+
+    try:
+        obj = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"{file}: refused or unreadable pickle (only plain tensors load: "
+                           f"torch.load(weights_only=True)): {str(e).splitlines()[0]}") from e
+    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+            for k, v in obj.items() if hasattr(v, "numpy")}
+
+
+def read_weights(folder: Path) -> dict[str, np.ndarray]:
+    """The folder's weights: an (index of) safetensors file(s), else a `.bin` pickle."""
+    for stem in ("diffusion_pytorch_model", "model"):
+        index = folder / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return read_safetensors([folder / s for s in shards])
+        single = folder / f"{stem}.safetensors"
+        if single.is_file():
+            return read_safetensors([single])
+    for stem in ("diffusion_pytorch_model", "pytorch_model"):
+        if (folder / f"{stem}.bin").is_file():
+            return read_torch_pickle(folder / f"{stem}.bin")
+    raise WeightsError(f"{folder}: no weights (expected diffusion_pytorch_model.safetensors or "
+                       f"model.safetensors)")
+
+
+def model_class(config: Mapping) -> type:
+    name = config.get("_class_name") or (config.get("architectures") or [None])[0]
+    if name not in MODEL_CLASSES:
+        raise WeightsError(f"config names model class {name!r}; supported: "
+                           f"{sorted(MODEL_CLASSES)}")
+    module, cls = MODEL_CLASSES[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def build(config: Mapping, *, param_dtype=jnp.float32, abstract: bool = False,
+          seed: int = 0) -> nnx.Module:
+    """The model a config describes: random weights, or abstract (shapes only)."""
+    cls = model_class(config)
+
+    def make():
+        return cls.from_config(config, rngs=nnx.Rngs(seed), param_dtype=param_dtype)
+
+    return nnx.eval_shape(make) if abstract else make()
+
+
+def load(path_or_hub_id: str | Path, subfolder: str | None = None, *,
+         dtype=jnp.float32) -> nnx.Module:
+    """Load a diffusers/transformers model folder or hub id into its Flax model."""
+    folder = resolve_folder(path_or_hub_id, subfolder)
+    config = read_config(folder)
+    model = build(config, param_dtype=dtype, abstract=True)
+    state = read_weights(folder)
+    load_state_dict(model, state, rename=getattr(type(model), "torch_key", None), dtype=dtype,
+                    what=str(folder))
+    return model
