@@ -152,12 +152,14 @@ def quick_gelu(x: Array) -> Array:
 
 
 ACTIVATIONS = {"silu": silu, "swish": silu, "gelu": gelu_exact, "quick_gelu": quick_gelu,
-               "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+               "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+               "relu": jax.nn.relu, "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x))}
 
 
 def activation(name: str):
+    """diffusers' `get_activation`: case-insensitive names."""
     try:
-        return ACTIVATIONS[name]
+        return ACTIVATIONS[name.lower()]
     except KeyError:
         raise ValueError(f"unsupported activation {name!r}; expected one of "
                          f"{sorted(ACTIVATIONS)}") from None
