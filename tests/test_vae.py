@@ -177,7 +177,7 @@ def test_deprecated_attention_names_load(pair, tmp_path):
     ({"down_block_types": ("AttnDownEncoderBlock2D", "DownEncoderBlock2D")}, "unsupported"),
     ({"up_block_types": ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")}, "unsupported"),
     ({"down_block_types": ("DownEncoderBlock2D",)}, "must match"),
-    ({"act_fn": "mish"}, "activation"),
+    ({"act_fn": "softsign"}, "activation"),
 ])
 def test_unsupported_config_is_a_clear_error(change, match):
     with pytest.raises(ValueError, match=match):
