@@ -12,11 +12,16 @@ use instead of or beside its own inputs:
 - ``maps``: IBA cache in ``maps`` form: the inversion's softmax maps (B, heads, Lq, Lk),
   applied to the current values. Tiny shapes only: memory is O(L^2).
 
-and static policy: which layers capture their attention input (``hidden``) or their softmax maps
-(``maps``), and an optional in-batch anchor (``anchor_index[b]`` = the batch element whose own
-input anchors element b). Captures come back in `AttnControl.captured` in the same
-``{path: {kind: array}}`` structure the inputs use, so an inversion scan's captures feed a
-denoising scan's inputs unchanged.
+- ``anchor_gate`` / ``iba_gate``: optional traced booleans switching the anchor / the IBA cache
+  on or off for this call, so one scan body serves steps with and without them. A gated-off
+  anchor is replaced by the keys' own source (attention over ``[h ; h]`` equals attention over
+  ``h``: duplicated keys leave the softmax unchanged), so shapes never change.
+
+and static policy: which layers capture their attention input (``hidden``), their softmax maps
+(``maps``) or their projected output (``output``), and an optional in-batch anchor
+(``anchor_index[b]`` = the batch element whose own input anchors element b). Captures come
+back in `AttnControl.captured` in the same ``{path: {kind: array}}`` structure the inputs
+use, so an inversion scan's captures feed a denoising scan's inputs unchanged.
 
 The kernel is chosen here and only here: plain XLA (CPU, and whenever maps are needed),
 `jax.nn.dot_product_attention` with cuDNN on GPU, Pallas flash attention on TPU.
@@ -99,8 +104,9 @@ def _tpu_flash(q_blhd: Array, k_blhd: Array, v_blhd: Array, scale: float) -> Arr
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return kernel(q_blhd, k_blhd, v_blhd)
-    # Mosaic kernels are not auto-partitioned: run per shard over the batch axis.
-    spec = P(mesh.axis_names)
+    # Mosaic kernels are not auto-partitioned: run per shard over the batch axis (frames), or
+    # replicated for a batch the mesh does not divide (the single reference latent).
+    spec = P(mesh.axis_names) if q_blhd.shape[0] % mesh.size == 0 else P()
     return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
                          check_vma=False)(q_blhd, k_blhd, v_blhd)
 
@@ -137,6 +143,7 @@ class AttnControl:
     inputs: Mapping[str, Mapping[str, Array]] = dataclasses.field(default_factory=dict)
     capture_hidden: tuple[str, ...] = ()
     capture_maps: tuple[str, ...] = ()
+    capture_output: tuple[str, ...] = ()  # the layer's projected output (for checks, debugging)
     anchor_index: tuple[int, ...] | None = None
     anchor_layers: tuple[str, ...] = ()
     captured: dict[str, dict[str, Array]] = dataclasses.field(default_factory=dict)
@@ -145,7 +152,9 @@ class AttnControl:
         return self.inputs.get(path, {})
 
     def wants(self, path: str, kind: str) -> bool:
-        return _matches(path, self.capture_hidden if kind == "hidden" else self.capture_maps)
+        patterns = {"hidden": self.capture_hidden, "maps": self.capture_maps,
+                    "output": self.capture_output}[kind]
+        return _matches(path, patterns)
 
     def batch_anchor(self, path: str, x: Array) -> Array | None:
         if self.anchor_index is None or not _matches(path, self.anchor_layers):
@@ -199,8 +208,9 @@ class Attention(nnx.Module):
         residual = x
         if self.group_norm is not None:
             x = self.group_norm(x)
-        out = self.attend(x, context, ctrl)
-        out = self.to_out[0](out)
+        out = self.to_out[0](self.attend(x, context, ctrl))
+        if ctrl is not None and ctrl.wants(self.path, "output"):
+            ctrl.record(self.path, "output", out)
         if self.residual_connection:
             out = out + residual
         return out / self.rescale_output_factor if self.rescale_output_factor != 1.0 else out
@@ -219,16 +229,27 @@ class Attention(nnx.Module):
                 return context
             if anchor is None:
                 return h
-            return jnp.concatenate([h, _broadcast_batch(anchor, b, path).astype(h.dtype)], 1)
+            a = _broadcast_batch(anchor, b, path).astype(h.dtype)
+            if "anchor_gate" in inp:  # off: [h ; h], which attends exactly like h alone
+                a = jnp.where(inp["anchor_gate"], a, h)
+            return jnp.concatenate([h, a], 1)
 
         v = self.to_v(keys_from(x))
+        gate = inp.get("iba_gate")
         if "maps" in inp:
             maps = _broadcast_batch(inp["maps"], b, path)
             out = rearrange(apply_maps(maps, rearrange(v, "b l (h d) -> b l h d", h=self.heads)),
                             "b l h d -> b l (h d)")
+            if gate is not None:
+                plain = dot_product_attention(self.to_q(x), self.to_k(keys_from(x)), v,
+                                              self.heads, scale=self.scale)
+                out = jnp.where(gate, out, plain)
         else:
-            q_src = _broadcast_batch(inp["hidden"], b, path).astype(x.dtype) \
-                if "hidden" in inp else x
+            q_src = x
+            if "hidden" in inp:
+                q_src = _broadcast_batch(inp["hidden"], b, path).astype(x.dtype)
+                if gate is not None:
+                    q_src = jnp.where(gate, q_src, x)
             q, k = self.to_q(q_src), self.to_k(keys_from(q_src))
             if ctrl is not None and ctrl.wants(path, "maps"):
                 maps = attention_maps(*(rearrange(t, "b l (h d) -> b l h d", h=self.heads)

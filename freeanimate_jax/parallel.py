@@ -1,0 +1,89 @@
+"""Meshes, shardings and multi-host start-up: the only module that knows device counts.
+
+Inference shards frames over the mesh axis `frames` (and independent videos over `data`);
+weights and the reference are replicated. A frame count the `frames` axis does not divide is
+padded up by repeating the last frame; the padded frames are computed and dropped (each frame's
+noise depends only on its own index, so padding never changes the real frames).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+FRAMES, DATA = "frames", "data"
+
+
+def make_mesh(frames: int | None = None, data: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, frames) mesh over `devices` (default: all); `frames` defaults to the rest."""
+    devices = list(devices if devices is not None else jax.devices())
+    if frames is None:
+        if len(devices) % data:
+            raise ValueError(f"data={data} does not divide {len(devices)} devices")
+        frames = len(devices) // data
+    if frames * data > len(devices):
+        raise ValueError(f"mesh data={data} x frames={frames} needs {frames * data} devices, "
+                         f"have {len(devices)}")
+    grid = np.array(devices[:frames * data], dtype=object).reshape(data, frames)
+    return Mesh(grid, (DATA, FRAMES))
+
+
+def frames_spec(ndim: int, axis: int = 0) -> P:
+    """Shard `axis` (the frame axis) over both mesh axes; everything else replicated."""
+    spec = [None] * ndim
+    spec[axis] = (DATA, FRAMES)
+    return P(*spec)
+
+
+def frame_sharding(mesh: Mesh, ndim: int, axis: int = 0) -> NamedSharding:
+    return NamedSharding(mesh, frames_spec(ndim, axis))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def padded_frames(n: int, mesh: Mesh) -> int:
+    """The frame count the mesh computes for `n` real frames (a multiple of its size)."""
+    return math.ceil(n / mesh.size) * mesh.size
+
+
+def pad_frames(x: np.ndarray, n_padded: int, axis: int = 0) -> np.ndarray:
+    """Repeat the last frame up to `n_padded` frames."""
+    n = x.shape[axis]
+    if n_padded == n:
+        return x
+    last = np.take(x, [n - 1], axis=axis)
+    return np.concatenate([x, np.repeat(last, n_padded - n, axis=axis)], axis=axis)
+
+
+def shard_frames(tree, mesh: Mesh, axis: int = 0):
+    return jax.tree.map(lambda a: jax.device_put(a, frame_sharding(mesh, np.ndim(a), axis)), tree)
+
+
+def replicate(tree, mesh: Mesh):
+    return jax.device_put(tree, replicated(mesh))
+
+
+def initialize_distributed() -> None:
+    """Join a multi-host job (Cloud TPU pod, or processes given coordinator env vars).
+
+    On a TPU pod `jax.distributed.initialize()` discovers everything; elsewhere it needs
+    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    """
+    if jax.distributed.is_initialized():
+        return
+    if "JAX_COORDINATOR_ADDRESS" in os.environ:
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]))
+    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
+        jax.distributed.initialize()

@@ -1,0 +1,107 @@
+"""Pieces every pipeline shares: pure model handles, prompt encoding, VAE in/out, progress."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Pure:
+    """A model as (graphdef, params) so jitted functions take weights as arguments (and can be
+    compiled with abstract weights for fit checks)."""
+
+    graphdef: Any
+    state: Any
+
+    @classmethod
+    def of(cls, model: nnx.Module) -> Pure:
+        graphdef, state = nnx.split(model)
+        return cls(graphdef, state)
+
+    def bind(self, state) -> nnx.Module:
+        return nnx.merge(self.graphdef, state)
+
+
+def encode_prompts(text_encoder: nnx.Module, tokenizer, prompts: list[str],
+                   clip_skip: int | None = None) -> Array:
+    from freeanimate_jax.models.clip_text import tokenize
+
+    ids = jnp.asarray(tokenize(tokenizer, prompts))
+    return text_encoder(ids, clip_skip=clip_skip)
+
+
+def images_to_vae(images_uint8: np.ndarray, dtype) -> Array:
+    return jnp.asarray(images_uint8, jnp.float32).astype(dtype) / 127.5 - 1.0
+
+
+def vae_to_images(x: Array) -> Array:
+    return jnp.clip((x.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def encode_latents(vae, images: Array, chunk: int | None = None) -> Array:
+    """Images in [-1, 1] -> scaled latent means (the deterministic encoding diffusers uses for
+    inversion)."""
+    mean, _ = vae.encode(images, chunk=chunk) if chunk else vae.encode(images)
+    shift = getattr(vae, "shift_factor", None) or 0.0
+    return (mean - shift) * vae.scaling_factor
+
+
+def decode_latents(vae, z: Array, chunk: int | None = None) -> Array:
+    shift = getattr(vae, "shift_factor", None) or 0.0
+    z = z / vae.scaling_factor + shift
+    return vae.decode(z, chunk=chunk) if chunk else vae.decode(z)
+
+
+def frame_noise(seed: int, n_frames: int, shape: tuple[int, ...], dtype=jnp.float32,
+                stream: str = "noise", step: Array | int | None = None) -> Array:
+    """Per-frame noise from `fold_in(seed, frame)` (and the step, for per-step noise):
+    independent of device count and padding."""
+    base = jax.random.fold_in(jax.random.key(seed), _stream_id(stream))
+    if step is not None:
+        base = jax.random.fold_in(base, step)
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(n_frames))
+    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys).astype(dtype)
+
+
+def _stream_id(name: str) -> int:
+    # A stable small integer per named random stream (Python's hash() is salted per process).
+    return int.from_bytes(name.encode()[:4].ljust(4, b"\0"), "little") & 0x7FFFFFFF
+
+
+class Progress:
+    """Stage / step / ETA on the terminal, fed from inside scans through a host callback."""
+
+    def __init__(self, enabled: bool = True, write: Callable[[str], None] | None = None):
+        self.enabled = enabled
+        self.write = write or (lambda s: print(s, end="", flush=True))
+        self.totals: dict[str, int] = {}
+        self.started: dict[str, float] = {}
+
+    def stage(self, name: str, total: int) -> None:
+        self.totals[name], self.started[name] = total, time.perf_counter()
+
+    def __call__(self, name: str, step: int) -> None:
+        if not self.enabled or name not in self.totals:
+            return
+        done, total = int(step) + 1, self.totals[name]
+        elapsed = time.perf_counter() - self.started[name]
+        eta = elapsed / done * (total - done)
+        end = "\n" if done == total else ""
+        self.write(f"\r{name}: step {done}/{total}  {elapsed:6.1f}s  ETA {eta:6.1f}s{end}")
+
+
+def report_step(progress: Progress | None, name: str, step: Array) -> None:
+    """Call inside a scan body: one host callback per step (the only thing that leaves the
+    device during a scan)."""
+    if progress is not None and progress.enabled:
+        jax.debug.callback(lambda s: progress(name, s), step)

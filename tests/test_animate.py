@@ -1,0 +1,95 @@
+"""FreeAnimate pipeline equivalences on the tiny family: cache modes, switches, sharding."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from freeanimate_jax import parallel
+from freeanimate_jax.demo import TINY_SIZE, tiny_models
+from freeanimate_jax.models.attention import AttnControl
+from freeanimate_jax.pipelines.animate import AnimateSettings, FreeAnimate
+from tests.test_attention import _np_anchored_attention
+
+FRAMES = 3  # not a multiple of 8: the sharded run pads to 8 and drops the padding
+BASE = AnimateSettings(steps=3, preview_steps=3, guidance_scale=5.0, iba_until=0.67, seed=7)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_models(seed=0)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    rng = np.random.default_rng(0)
+    reference = rng.integers(0, 256, (TINY_SIZE, TINY_SIZE, 3), dtype=np.uint8)
+    poses = rng.integers(0, 256, (FRAMES, TINY_SIZE, TINY_SIZE, 3), dtype=np.uint8)
+    return reference, poses
+
+
+@pytest.fixture(scope="module")
+def baseline(models, inputs):
+    return FreeAnimate(models, BASE)(*inputs, "a dancer").frames
+
+
+def _run(models, inputs, mesh=None, **changes):
+    return FreeAnimate(models, dataclasses.replace(BASE, **changes), mesh=mesh)(
+        *inputs, "a dancer").frames
+
+
+def _maxdiff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def test_baseline_is_a_video(baseline):
+    assert baseline.shape == (FRAMES, TINY_SIZE, TINY_SIZE, 3)
+    assert np.isfinite(baseline).all() and 0.0 <= baseline.min() and baseline.max() <= 1.0
+    assert _maxdiff(baseline[0], baseline[1]) > 1e-3  # different poses, different frames
+
+
+@pytest.mark.parametrize("mode", ["maps", "recompute"])
+def test_cache_modes_give_the_same_frames(models, inputs, baseline, mode):
+    assert _maxdiff(_run(models, inputs, cache_mode=mode), baseline) <= 1e-5
+
+
+@pytest.mark.parametrize("switch_off", [{"iba_layers": ()}, {"iba_until": 0.0},
+                                        {"ra_sa_layers": ()}, {"ra_sa_until": 0.0}],
+                         ids=["iba_layers", "iba_until", "ra_sa_layers", "ra_sa_until"])
+def test_iba_and_ra_sa_are_not_no_ops(models, inputs, baseline, switch_off):
+    assert _maxdiff(_run(models, inputs, **switch_off), baseline) > 1e-3
+
+
+def test_one_device_and_eight_devices_give_the_same_frames(models, inputs, baseline):
+    assert jax.device_count() == 8
+    mesh = parallel.make_mesh()
+    assert parallel.padded_frames(FRAMES, mesh) == 8
+    assert _maxdiff(_run(models, inputs, mesh=mesh), baseline) <= 1e-5
+
+
+def test_padding_frames_never_changes_real_frames():
+    mesh = parallel.make_mesh()
+    x = np.arange(3 * 2).reshape(3, 2)
+    padded = parallel.pad_frames(x, parallel.padded_frames(3, mesh))
+    assert padded.shape == (8, 2)
+    np.testing.assert_array_equal(padded[:3], x)
+    np.testing.assert_array_equal(padded[3:], np.repeat(x[2:], 5, axis=0))
+
+
+def test_ra_sa_inside_the_unet_equals_hand_computed_anchored_attention(models):
+    """One decoder self-attention layer, inside a full UNet forward, anchored to a reference."""
+    unet = models.unet
+    path = "up_blocks.1.attentions.0.transformer_blocks.0.attn1"
+    layer = unet.up_blocks[1].attentions[0].transformer_blocks[0].attn1
+    assert layer.path == path
+    keys = jax.random.split(jax.random.key(0), 3)
+    z = jax.random.normal(keys[0], (2, 8, 8, 4))
+    ctx = jax.random.normal(keys[1], (2, 77, 32))
+    channels = layer.to_q.in_features
+    anchor = jax.random.normal(keys[2], (1, 64, channels))
+    ctrl = AttnControl(inputs={path: {"anchor": anchor}}, capture_hidden=(path,),
+                       capture_output=(path,))
+    _, cap = unet(z, 500, ctx, attn=ctrl)
+    expected = _np_anchored_attention(layer, cap[path]["hidden"], anchor, heads=layer.heads)
+    np.testing.assert_allclose(np.asarray(cap[path]["output"]), expected, atol=1e-5, rtol=0)
