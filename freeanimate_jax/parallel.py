@@ -87,3 +87,23 @@ def initialize_distributed() -> None:
             process_id=int(os.environ["JAX_PROCESS_ID"]))
     elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
         jax.distributed.initialize()
+
+
+# Logical axes that layers may name at block boundaries; how they map to the mesh lives here.
+LOGICAL_RULES = {"frames": (DATA, FRAMES), "temporal_tokens": (DATA, FRAMES)}
+
+
+def constrain(x: jax.Array, logical: str) -> jax.Array:
+    """Shard the leading axis of `x` as the logical axis `logical` under the current mesh.
+
+    A no-op without a mesh (`jax.set_mesh`) or where the mesh does not divide the axis. Motion
+    modules call it so temporal attention sees all frames of a pixel on one device: XLA turns
+    the change from frame-sharded to token-sharded into an all-to-all.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = LOGICAL_RULES[logical]
+    if mesh.empty or not all(a in mesh.axis_names for a in axes):
+        return x
+    if x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))

@@ -46,3 +46,16 @@ def save_controlnet(path, seed: int = 1, **config):
     model = randomize(ControlNetModel(**config), seed)
     model.save_pretrained(path)
     return model
+
+
+MOTION_ADAPTER = dict(block_out_channels=(32, 64), motion_layers_per_block=2,
+                      motion_num_attention_heads=2, motion_norm_num_groups=8,
+                      motion_max_seq_length=24, use_motion_mid_block=True)
+
+
+def save_motion_adapter(path, seed: int = 2, **config):
+    from diffusers import MotionAdapter
+
+    model = randomize(MotionAdapter(**config), seed)
+    model.save_pretrained(path)
+    return model

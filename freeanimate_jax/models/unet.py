@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
 from freeanimate_jax.models.attention import AttnControl, name_attention_layers
@@ -140,7 +141,7 @@ class UNet2DConditionModel(nnx.Module):
 
     def __init__(self, cfg: UNetConfig, out_channels: int, up_attn: tuple[bool, ...], *,
                  rngs: nnx.Rngs, param_dtype=jnp.float32):
-        self.cfg = cfg
+        self.cfg, self.out_channels, self.up_attn = cfg, out_channels, up_attn
         ch = cfg.block_out_channels
         a = cfg.block_args(rngs, param_dtype)
         kw = dict(rngs=rngs, param_dtype=param_dtype)
@@ -182,29 +183,39 @@ class UNet2DConditionModel(nnx.Module):
                  down_block_additional_residuals: Sequence[Array] | None = None,
                  mid_block_additional_residual: Array | None = None,
                  attn: AttnControl | None = None):
-        """Noise prediction for NHWC `sample`; with `attn`, returns (prediction, captures)."""
-        dtype = sample.dtype
+        """Noise prediction for NHWC `sample`, or for a video (B, F, H, W, C) when motion
+        modules are inserted (timestep and text per video; ControlNet residuals per frame, as
+        (B*F, ...) or (B, F, ...)). With `attn`, returns (prediction, captures)."""
+        dtype, frames = sample.dtype, None
         context = encoder_hidden_states.astype(dtype)
         temb = embed_time(self, self.cfg, timestep, sample.shape[0], dtype)
+        if sample.ndim == 5:
+            frames = sample.shape[1]
+            sample = rearrange(sample, "b f h w c -> (b f) h w c")
+            temb = jnp.repeat(temb, frames, axis=0)
+            if context.shape[0] != sample.shape[0]:
+                context = jnp.repeat(context, frames, axis=0)
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
-            x, s = block(x, temb, context, attn)
+            x, s = block(x, temb, context, attn, frames)
             skips += s
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):
                 raise ValueError(f"{len(down_block_additional_residuals)} ControlNet down "
                                  f"residuals for {len(skips)} UNet skip connections")
-            skips = [s + r.astype(dtype) for s, r in
+            skips = [s + r.reshape(s.shape).astype(dtype) for s, r in
                      zip(skips, down_block_additional_residuals, strict=True)]
         if self.mid_block is not None:
-            x = self.mid_block(x, temb, context, attn)
+            x = self.mid_block(x, temb, context, attn, frames)
         if mid_block_additional_residual is not None:
-            x = x + mid_block_additional_residual.astype(dtype)
+            x = x + mid_block_additional_residual.reshape(x.shape).astype(dtype)
         for block in self.up_blocks:
             mine = skips[-len(block.resnets):]
             skips = skips[:-len(block.resnets)]
             size = skips[-1].shape[1:3] if skips else None
-            x = block(x, mine, temb, context, attn, upsample_size=size)
+            x = block(x, mine, temb, context, attn, upsample_size=size, frames=frames)
         x = self.conv_out(self.act(self.conv_norm_out(x)))
+        if frames:
+            x = rearrange(x, "(b f) h w c -> b f h w c", f=frames)
         return x if attn is None else (x, attn.captured)

@@ -11,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange, repeat
 from flax import nnx
 
@@ -67,12 +68,19 @@ class ResnetBlock2D(nnx.Module):
         self.conv_shortcut = Conv2d(in_ch, out_ch, 1, **kw) if in_ch != out_ch else None
         self.act = activation(act_fn)
         self.output_scale_factor = output_scale_factor
+        self.norm_across_frames = False  # AnimateDiff v1 normalised video resnets over all frames
 
-    def __call__(self, x: Array, temb: Array | None) -> Array:
-        h = self.conv1(self.act(self.norm1(x)))
+    def _norm(self, norm: GroupNorm, x: Array, frames: int | None) -> Array:
+        if not (self.norm_across_frames and frames):
+            return norm(x)
+        return rearrange(norm(rearrange(x, "(b f) h w c -> b (f h) w c", f=frames)),
+                         "b (f h) w c -> (b f) h w c", f=frames)
+
+    def __call__(self, x: Array, temb: Array | None, frames: int | None = None) -> Array:
+        h = self.conv1(self.act(self._norm(self.norm1, x, frames)))
         if self.time_emb_proj is not None and temb is not None:
             h = h + self.time_emb_proj(self.act(temb))[:, None, None, :]
-        h = self.conv2(self.act(self.norm2(h)))
+        h = self.conv2(self.act(self._norm(self.norm2, h, frames)))
         skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         out = skip + h
         return out / self.output_scale_factor if self.output_scale_factor != 1.0 else out
@@ -98,9 +106,22 @@ class FeedForward(nnx.Module):
         return self.net[2](self.net[0](x))
 
 
+def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
+    """AnimateDiff's fixed position table: sin at even, cos at odd channels."""
+    pos = np.arange(length, dtype=np.float32)[:, None]
+    div = np.exp(np.arange(0, dim, 2, dtype=np.float32) * (-math.log(10000.0) / dim))
+    pe = np.zeros((length, dim), np.float32)
+    pe[:, 0::2], pe[:, 1::2] = np.sin(pos * div), np.cos(pos * div)
+    return pe
+
+
 class BasicTransformerBlock(nnx.Module):
-    def __init__(self, dim: int, heads: int, dim_head: int, cross_dim: int, *,
-                 rngs: nnx.Rngs, param_dtype):
+    """Self-attention, cross-attention (or, with `cross_dim=None`, a second self-attention, as
+    in AnimateDiff's temporal blocks), GEGLU feed-forward. `positions` adds AnimateDiff's
+    sinusoidal table to the normed input of both attentions."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, cross_dim: int | None, *,
+                 positions: int | None = None, rngs: nnx.Rngs, param_dtype):
         kw = dict(rngs=rngs, param_dtype=param_dtype)
         self.norm1 = LayerNorm(dim, param_dtype=param_dtype)
         self.attn1 = Attention(dim, heads=heads, dim_head=dim_head, **kw)
@@ -109,10 +130,21 @@ class BasicTransformerBlock(nnx.Module):
                                dim_head=dim_head, **kw)
         self.norm3 = LayerNorm(dim, param_dtype=param_dtype)
         self.ff = FeedForward(dim, **kw)
+        self.cross = cross_dim is not None
+        self.positions = positions
 
-    def __call__(self, x: Array, context: Array, ctrl: AttnControl | None) -> Array:
-        x = x + self.attn1(self.norm1(x), None, ctrl)
-        x = x + self.attn2(self.norm2(x), context, ctrl)
+    def _pos(self, h: Array) -> Array:
+        if self.positions is None:
+            return h
+        if h.shape[1] > self.positions:
+            raise ValueError(f"{h.shape[1]} frames exceed the motion module's position table "
+                             f"({self.positions}); use context windows for longer videos")
+        pe = sinusoidal_positions(self.positions, h.shape[-1])[:h.shape[1]]
+        return h + jnp.asarray(pe, h.dtype)[None]
+
+    def __call__(self, x: Array, context: Array | None, ctrl: AttnControl | None) -> Array:
+        x = x + self.attn1(self._pos(self.norm1(x)), None, ctrl)
+        x = x + self.attn2(self._pos(self.norm2(x)), context if self.cross else None, ctrl)
         return x + self.ff(self.norm3(x))
 
 
@@ -180,6 +212,14 @@ class Upsample2D(nnx.Module):
         return self.conv(upsample_nearest(x, size))
 
 
+def _motion(block: nnx.Module, i: int, x: Array, frames: int | None,
+            ctrl: AttnControl | None) -> Array:
+    """The block's i-th motion module on a video batch ((b f) h w c); identity otherwise."""
+    if block.motion_modules is None or not frames:
+        return x
+    return block.motion_modules[i](x, frames, ctrl)
+
+
 class BlockArgs:
     """What every down/mid/up block needs from the model config (resolved once in the model)."""
 
@@ -211,14 +251,16 @@ class DownBlock(nnx.Module):
         self.downsamplers = nnx.List([Downsample2D(out_ch, rngs=a.rngs,
                                                    param_dtype=a.param_dtype)]) \
             if add_downsample else None
+        self.motion_modules = None  # AnimateDiff inserts one after each (resnet, attention)
 
-    def __call__(self, x: Array, temb: Array, context: Array, ctrl: AttnControl | None
-                 ) -> tuple[Array, list[Array]]:
+    def __call__(self, x: Array, temb: Array, context: Array, ctrl: AttnControl | None,
+                 frames: int | None = None) -> tuple[Array, list[Array]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
+            x = resnet(x, temb, frames)
             if self.attentions is not None:
                 x = self.attentions[i](x, context, ctrl)
+            x = _motion(self, i, x, frames, ctrl)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -232,11 +274,13 @@ class MidBlock(nnx.Module):
     def __init__(self, a: BlockArgs, ch: int, *, heads: int, transformer_layers: int = 1):
         self.resnets = nnx.List([a.resnet(ch, ch), a.resnet(ch, ch)])
         self.attentions = nnx.List([a.transformer(ch, heads, transformer_layers)])
+        self.motion_modules = None
 
-    def __call__(self, x: Array, temb: Array, context: Array, ctrl: AttnControl | None) -> Array:
-        x = self.resnets[0](x, temb)
-        for attn, resnet in zip(self.attentions, self.resnets[1:], strict=True):
-            x = resnet(attn(x, context, ctrl), temb)
+    def __call__(self, x: Array, temb: Array, context: Array, ctrl: AttnControl | None,
+                 frames: int | None = None) -> Array:
+        x = self.resnets[0](x, temb, frames)
+        for i, (attn, resnet) in enumerate(zip(self.attentions, self.resnets[1:], strict=True)):
+            x = resnet(_motion(self, i, attn(x, context, ctrl), frames, ctrl), temb, frames)
         return x
 
 
@@ -255,14 +299,16 @@ class UpBlock(nnx.Module):
                                     for _ in range(num_layers)]) if heads else None
         self.upsamplers = nnx.List([Upsample2D(out_ch, rngs=a.rngs, param_dtype=a.param_dtype)]) \
             if add_upsample else None
+        self.motion_modules = None
 
     def __call__(self, x: Array, skips: list[Array], temb: Array, context: Array,
-                 ctrl: AttnControl | None, upsample_size: tuple[int, int] | None = None
-                 ) -> Array:
+                 ctrl: AttnControl | None, upsample_size: tuple[int, int] | None = None,
+                 frames: int | None = None) -> Array:
         for i, resnet in enumerate(self.resnets):
-            x = resnet(jnp.concatenate([x, skips.pop()], axis=-1), temb)
+            x = resnet(jnp.concatenate([x, skips.pop()], axis=-1), temb, frames)
             if self.attentions is not None:
                 x = self.attentions[i](x, context, ctrl)
+            x = _motion(self, i, x, frames, ctrl)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x

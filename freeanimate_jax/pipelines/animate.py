@@ -49,9 +49,10 @@ class AnimateSettings:
     controlnet_scale: float = 1.0
     controlnet_start: float = 0.0  # fractions of the denoising steps, from the first
     controlnet_end: float = 1.0
-    iba_layers: tuple[str, ...] = ("up_blocks.*.attn1",)
+    # Spatial self-attention only: `attentions` excludes motion modules' temporal layers.
+    iba_layers: tuple[str, ...] = ("up_blocks.*.attentions.*.attn1",)
     iba_until: float = 0.8
-    ra_sa_layers: tuple[str, ...] = ("*.attn1",)
+    ra_sa_layers: tuple[str, ...] = ("*.attentions.*.attn1",)
     ra_sa_until: float = 1.0
     cache_mode: str = "hidden"
     eta: float = 0.0
