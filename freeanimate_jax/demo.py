@@ -64,6 +64,16 @@ def tiny_tokenizer():
     return CLIPTokenizer.from_pretrained(_byte_tokenizer_dir(), model_max_length=77)
 
 
+TINY_MOTION = dict(_class_name="MotionAdapter", block_out_channels=[32, 64],
+                   motion_layers_per_block=1, motion_num_attention_heads=4,
+                   motion_norm_num_groups=8, motion_max_seq_length=32, use_motion_mid_block=True)
+
+
+def tiny_motion_adapter(seed: int = 10, dtype=jnp.float32):
+    """A tiny v2-layout motion adapter (32 positions, mid-block module) fitting `tiny_models`."""
+    return build(TINY_MOTION, param_dtype=dtype, seed=seed)
+
+
 def tiny_models(seed: int = 0, dtype=jnp.float32) -> SDPipelineModels:
     """The tiny family with weights drawn from `seed`; identical on every machine."""
     made = {name: build(cfg, param_dtype=dtype, seed=seed + i)

@@ -1,0 +1,70 @@
+"""Text-to-video: context windows, FreeNoise noise reuse, and the sampling pipeline."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from freeanimate_jax.demo import TINY_SIZE, tiny_models, tiny_motion_adapter
+from freeanimate_jax.models.motion import UNetMotionModel
+from freeanimate_jax.pipelines.context import freenoise_order, make_windows
+from freeanimate_jax.pipelines.generate import Generate, GenerateSettings
+
+
+def test_windows_cover_every_frame_and_weights_sum_to_one():
+    w = make_windows(40, 16, 4)
+    assert w.index.shape == (7, 16)  # starts 0, 4, ..., 24: the last ends at frame 39
+    assert w.index[-1, -1] == 39 and w.index[0, 0] == 0
+    total = np.zeros(40)
+    np.add.at(total, w.index, w.weight)
+    np.testing.assert_allclose(total, 1.0, atol=1e-6)
+    assert set(w.index.ravel()) == set(range(40))
+    # A start that the stride misses is pulled back so the last window still ends at the end.
+    w = make_windows(42, 16, 4)
+    assert w.index[-1, -1] == 41 and w.index[-1, 0] == 26
+
+
+def test_one_window_is_the_plain_path():
+    w = make_windows(12, 16, 4)
+    assert w.count == 1 and (w.weight == 1).all()
+    np.testing.assert_array_equal(freenoise_order(12, 16, 4, 0), np.arange(12))
+
+
+def test_freenoise_reuses_shuffled_noise_within_stride_groups():
+    order = freenoise_order(40, 16, 4, seed=3)
+    np.testing.assert_array_equal(order[:16], np.arange(16))
+    for block in (order[16:32], order[32:40]):
+        for g in range(0, len(block), 4):
+            group = block[g:g + 4]
+            assert sorted(group) == list(range(g, g + len(group)))
+    assert not np.array_equal(order[16:32], np.arange(16))
+
+
+@pytest.fixture(scope="module")
+def video_models():
+    models = tiny_models(seed=0)
+    models.unet = UNetMotionModel.from_unet2d(models.unet, tiny_motion_adapter())
+    models.controlnet = None
+    return models
+
+
+BASE = GenerateSettings(frames=8, steps=2, guidance_scale=6.0, seed=1)
+
+
+def _gen(models, **changes):
+    s = dataclasses.replace(BASE, **changes)
+    return Generate(models, s)("a cat", (TINY_SIZE, TINY_SIZE)).frames
+
+
+def test_windows_wider_than_the_video_equal_the_plain_path(video_models):
+    plain = _gen(video_models)
+    windowed = _gen(video_models, context_length=16)
+    assert plain.shape == (8, TINY_SIZE, TINY_SIZE, 3) and np.isfinite(plain).all()
+    np.testing.assert_array_equal(windowed, plain)
+
+
+def test_long_video_needs_windows_and_works_with_them(video_models):
+    with pytest.raises(ValueError, match="exceed the motion module's position table"):
+        _gen(video_models, frames=40, steps=1)
+    long = _gen(video_models, frames=40, steps=1, context_length=16, window_batch=4)
+    assert long.shape == (40, TINY_SIZE, TINY_SIZE, 3) and np.isfinite(long).all()
