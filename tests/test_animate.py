@@ -93,3 +93,18 @@ def test_ra_sa_inside_the_unet_equals_hand_computed_anchored_attention(models):
     _, cap = unet(z, 500, ctx, attn=ctrl)
     expected = _np_anchored_attention(layer, cap[path]["hidden"], anchor, heads=layer.heads)
     np.testing.assert_allclose(np.asarray(cap[path]["output"]), expected, atol=1e-5, rtol=0)
+
+
+def test_animate_with_a_motion_module(models, inputs):
+    """FreeAnimate with AnimateDiff's motion modules inserted: frames become one video, and the
+    temporal layers change the result."""
+    from freeanimate_jax.demo import tiny_motion_adapter
+    from freeanimate_jax.models.motion import UNetMotionModel
+
+    video = dataclasses.replace(models, unet=UNetMotionModel.from_unet2d(
+        models.unet, tiny_motion_adapter()))
+    assert video.unet.has_motion and not models.unet.has_motion
+    frames = FreeAnimate(video, BASE)(*inputs, "a dancer").frames
+    assert frames.shape == (FRAMES, TINY_SIZE, TINY_SIZE, 3) and np.isfinite(frames).all()
+    baseline = FreeAnimate(models, BASE)(*inputs, "a dancer").frames
+    assert _maxdiff(frames, baseline) > 1e-3

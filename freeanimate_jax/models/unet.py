@@ -165,6 +165,12 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_out = Conv2d(ch[0], out_channels, 3, padding=1, **kw)
         name_attention_layers(self)
 
+    @property
+    def has_motion(self) -> bool:
+        """Whether motion modules are inserted (then frames go in as a video)."""
+        return any(getattr(b, "motion_modules", None) is not None
+                   for b in (*self.down_blocks, *self.up_blocks))
+
     @classmethod
     def from_config(cls, config: Mapping, *, rngs: nnx.Rngs,
                     param_dtype=jnp.float32) -> UNet2DConditionModel:

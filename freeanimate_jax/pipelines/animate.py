@@ -108,6 +108,9 @@ def _eps(unet, controlnet, z, t, ctx, poses, cn_scale, ctrl: AttnControl | None)
     down = mid = None
     if controlnet is not None:
         down, mid = controlnet(z, t, ctx, poses, conditioning_scale=cn_scale)
+    if unet.has_motion and z.shape[0] > 1:  # the frames are one video to the motion modules
+        eps, cap = unet(z[None], t, ctx, down, mid, attn=ctrl)
+        return eps[0], cap
     return unet(z, t, ctx, down, mid, attn=ctrl)
 
 
@@ -242,6 +245,10 @@ class FreeAnimate:
         m, s, timings = self.models, self.s, {}
         n = poses.shape[0]
         n_pad = parallel.padded_frames(n, self.mesh) if self.mesh is not None else n
+        if n_pad != n and m.unet.has_motion:
+            raise ValueError(f"{n} frames do not divide over {self.mesh.size} devices; with a "
+                             f"motion module padding would change the video: use a multiple "
+                             f"of {self.mesh.size}")
         poses_pad = parallel.pad_frames(poses, n_pad)
         clock = time.perf_counter()
 
