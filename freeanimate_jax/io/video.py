@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,31 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_files_atomic(writes: Sequence[tuple[Path, Callable[[Path], None]]]) -> None:
+    """Write several files as one: each ``write(tmp)`` fills a hidden temp file next to its
+    destination, then all are renamed into place. On any failure every temp and every file this
+    call already renamed are removed, so callers get all of the files or none."""
+    staged: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    try:
+        for path, write in writes:
+            path = Path(path)
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.",
+                                        suffix=path.suffix)
+            os.close(fd)
+            staged.append((Path(name), path))
+            write(Path(name))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+            placed.append(path)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        for path in placed:
+            path.unlink(missing_ok=True)
         raise
 
 

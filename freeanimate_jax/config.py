@@ -1,0 +1,306 @@
+"""The animate job's configuration: typed frozen dataclasses, YAML files and `key=value` overrides.
+
+Layers, later wins: the dataclass defaults, an optional `base` mapping (the demo's defaults),
+the YAML file, `flags` (the CLI's typed options such as --prompt) and finally the `key=value`
+overrides. Loading is strict: an unknown key, a value of the wrong type or an out-of-range value
+is a ConfigError with one line that names the key and says what was expected.
+
+The `animate:` section is every field of `AnimateSettings`, generated from that class (so the two
+never drift); tuples become lists, which is what YAML and omegaconf hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from freeanimate_jax.pipelines.animate import AnimateSettings
+
+SD15_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+OPENPOSE_CONTROLNET = "lllyasviel/control_v11p_sd15_openpose"
+# Selects the tiny random family of `freeanimate_jax.demo` (no download). Hub ids never contain
+# a colon, so it cannot shadow one.
+TINY_MODEL = "builtin:tiny"
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is one line naming the key."""
+
+
+def default_compilation_cache() -> str:
+    """JAX's own env var if set, else `freeanimate_jax/xla` under the user cache folder."""
+    if env := os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return env
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
+    return str(Path(base) / "freeanimate_jax" / "xla")
+
+
+def _config_type(tp: Any) -> Any:
+    """AnimateSettings annotation -> one omegaconf accepts on every supported version."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        return Optional[_config_type(inner)]  # noqa: UP045 (omegaconf 2.3 wants typing's)
+    if origin is tuple:
+        return typing.List[args[0]]  # noqa: UP006 (omegaconf 2.3 wants typing's)
+    return tp
+
+
+def _animate_fields() -> list[tuple[str, Any, dataclasses.Field]]:
+    hints = typing.get_type_hints(AnimateSettings)
+    out = []
+    for f in dataclasses.fields(AnimateSettings):
+        if isinstance(f.default, tuple):
+            field = dataclasses.field(default_factory=lambda d=f.default: list(d))
+        else:
+            field = dataclasses.field(default=f.default)
+        out.append((f.name, _config_type(hints[f.name]), field))
+    return out
+
+
+AnimateConfig = dataclasses.make_dataclass("AnimateConfig", _animate_fields(), frozen=True)
+AnimateConfig.__module__ = __name__  # so it pickles and prints as ours
+AnimateConfig.__doc__ = "The `animate:` section: AnimateSettings's fields, tuples as lists."
+
+
+@dataclasses.dataclass(frozen=True)
+class AnimateJob:
+    """Everything `freeanimate animate` needs besides the input and output paths."""
+
+    model: str = SD15_MODEL  # diffusers SD folder or hub id; `builtin:tiny` = the demo family
+    controlnet: str = OPENPOSE_CONTROLNET
+    prompt: str = ""
+    size: Any = 512  # model resolution: an int or [H, W], multiples of 8
+    frames: Optional[int] = None  # noqa: UP045  use the first N poses; null = all of them
+    fps: float = 8.0
+    dtype: str = "auto"  # auto: bfloat16 on accelerators, float32 on CPU
+    compilation_cache: str = dataclasses.field(default_factory=default_compilation_cache)
+    weights_cache: str = ""  # folder for converted (orbax) weights; "" = convert every run
+    sheet_rows: int = 4
+    animate: AnimateConfig = dataclasses.field(default_factory=AnimateConfig)
+
+    @property
+    def size_hw(self) -> tuple[int, int]:
+        if isinstance(self.size, int):
+            return (self.size, self.size)
+        return (int(self.size[0]), int(self.size[1]))
+
+    def settings(self) -> AnimateSettings:
+        values = {f.name: getattr(self.animate, f.name) for f in dataclasses.fields(AnimateConfig)}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return AnimateSettings(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (lists, not tuples)."""
+        return dataclasses.asdict(self)
+
+
+DEMO_CONFIG: dict[str, Any] = {
+    # Mirrored by configs/demo.yaml (the runbook); a test keeps the two equal. Kept in code so
+    # `--demo` works from an installed package, which does not ship configs/.
+    "model": TINY_MODEL,
+    "controlnet": TINY_MODEL,
+    "prompt": "a person waving",
+    "size": 64,
+    "fps": 8.0,
+    "dtype": "float32",
+    "sheet_rows": 4,
+    "animate": {"steps": 6, "preview_steps": 6, "guidance_scale": 7.5, "seed": 0},
+}
+
+
+# -- schema walking -----------------------------------------------------------------------------
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls) if cls is AnimateJob else {
+        f.name: f.type for f in dataclasses.fields(cls)}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _section_name(prefix: str) -> str:
+    return f"section '{prefix}'" if prefix else "the top level"
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[:1] in "aeiou" else f"a {noun}"
+
+
+def _keys_of(prefix: str) -> str:
+    return f"the keys of section '{prefix}'" if prefix else "the top-level keys"
+
+
+def _lookup(key: str) -> Any:
+    """The declared type of a dotted key; ConfigError naming the first unknown part."""
+    cls: Any = AnimateJob
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        prefix = ".".join(parts[:i])
+        fields = _fields(cls) if dataclasses.is_dataclass(cls) else None
+        if fields is None:
+            raise ConfigError(f"config key '{key}': '{prefix}' is a value, not a section; "
+                              f"expected '{prefix}=...'")
+        if part not in fields:
+            raise ConfigError(_unknown(".".join(parts[: i + 1]), prefix, fields))
+        cls = fields[part]
+    return cls
+
+
+def _unknown(key: str, prefix: str, fields: Mapping[str, Any]) -> str:
+    hint = ""
+    leaf = key.rsplit(".", 1)[-1]
+    if not prefix and leaf in _fields(AnimateConfig):
+        hint = f" (did you mean 'animate.{leaf}'?)"
+    return (f"unknown config key '{key}'{hint}; expected one of {_keys_of(prefix)}: "
+            f"{', '.join(fields)}")
+
+
+def _check_keys(tree: Any, prefix: str = "") -> None:
+    cls = _lookup(prefix) if prefix else AnimateJob
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"config {_section_name(prefix)} is {_a(type(tree).__name__)}; "
+                          f"expected a mapping of keys to values")
+    fields = _fields(cls)
+    for key, value in tree.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise ConfigError(_unknown(full, prefix, fields))
+        if dataclasses.is_dataclass(fields[key]):
+            _check_keys(value, full)
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union and type(None) in args:
+        return f"{_describe(next(a for a in args if a is not type(None)))} or null"
+    if origin in (list, tuple):
+        return f"a list of {_describe(args[0]).split(' ', 1)[-1]}s"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return names.get(tp, "a value")
+
+
+# -- loading ------------------------------------------------------------------------------------
+def _read_yaml(path: str) -> dict[str, Any]:
+    import yaml  # omegaconf's own dependency
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: no such config file; expected a YAML file")
+    try:
+        tree = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: malformed YAML ({first}); expected a mapping of keys") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level is {_a(type(tree).__name__)}; expected a mapping")
+    return tree
+
+
+def _parse_overrides(overrides: Sequence[str]) -> list[dict[str, Any]]:
+    layers = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or key != key.strip():
+            raise ConfigError(f"override {item!r} is not key=value; expected e.g. "
+                              f"animate.steps=30")
+        tp = _lookup(key)
+        if dataclasses.is_dataclass(tp):
+            raise ConfigError(f"override {item!r} sets the whole section '{key}'; expected "
+                              f"'{key}.<key>=value'")
+        # A string field takes the text verbatim: YAML would turn `prompt=yes` into True.
+        if tp is str or tp == Optional[str]:  # noqa: UP045
+            value: Any = raw
+        else:
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))["v"]
+        for part in reversed(key.split(".")):
+            value = {part: value}
+        layers.append(value)
+    return layers
+
+
+def _type_error(e: OmegaConfBaseException, layers: Sequence[Mapping[str, Any]]) -> ConfigError:
+    key = getattr(e, "full_key", None) or ""
+    try:
+        expected = _describe(_lookup(key)) if key else "the documented types"
+    except ConfigError:
+        expected = "the documented types"
+    # Name the offending value as the user wrote it (the last layer that set it wins).
+    value, found = None, False
+    for layer in layers:
+        node: Any = layer
+        for part in key.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, Mapping) else _MISSING
+        if node is not _MISSING:
+            value, found = node, True
+    if not found:
+        msg = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]
+        return ConfigError(f"config key '{key}': {msg}; expected {expected}")
+    return ConfigError(f"config key '{key}' = {value!r} has the wrong type; expected {expected}")
+
+
+_MISSING = object()
+
+
+def _validate(job: AnimateJob) -> None:
+    size = job.size
+    sides = list(size) if isinstance(size, list | tuple) and len(size) == 2 else [size]
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in sides):
+        raise ConfigError(f"size={size!r}; expected an integer or [height, width]")
+    if any(s < 8 or s % 8 for s in sides):
+        raise ConfigError(f"size={size!r} is not a multiple of 8; expected a positive multiple "
+                          f"of 8 (e.g. 512 or [512, 384]): the VAE downsamples 8x")
+    if job.frames is not None and job.frames < 1:
+        raise ConfigError(f"frames={job.frames}: no poses to animate; expected a pose count of "
+                          f"at least 1, or null for all poses")
+    if not (math.isfinite(job.fps) and job.fps > 0):
+        raise ConfigError(f"fps={job.fps}; expected a positive number")
+    if job.dtype not in DTYPES:
+        raise ConfigError(f"dtype={job.dtype!r}; expected one of {', '.join(DTYPES)}")
+    if job.sheet_rows < 1:
+        raise ConfigError(f"sheet_rows={job.sheet_rows}; expected at least 1")
+    if job.animate.vae_chunk < 1:
+        raise ConfigError(f"animate.vae_chunk={job.animate.vae_chunk}; expected at least 1")
+    if (job.model == TINY_MODEL) != (job.controlnet == TINY_MODEL):
+        raise ConfigError(f"model={job.model!r} with controlnet={job.controlnet!r}; expected "
+                          f"both or neither to be {TINY_MODEL!r} (the tiny demo family)")
+    try:
+        job.settings()
+    except ValueError as e:
+        raise ConfigError(f"animate: {e}") from None
+
+
+def load_job(config_file: str | None, overrides: Sequence[str] = (), *,
+             base: Mapping[str, Any] | None = None,
+             flags: Mapping[str, Any] | None = None) -> AnimateJob:
+    """Defaults < `base` < the YAML file < `flags` < `key=value` overrides -> a validated job."""
+    layers = [dict(base or {})]
+    if config_file:
+        layers.append(_read_yaml(config_file))
+    layers.append(dict(flags or {}))
+    for layer in layers:
+        _check_keys(layer)
+    layers += _parse_overrides(overrides)
+    schema = OmegaConf.structured(AnimateJob)
+    OmegaConf.set_readonly(schema, False)  # frozen dataclasses give read-only schemas
+    try:
+        merged = OmegaConf.merge(schema, *[OmegaConf.create(layer) for layer in layers])
+        job = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _type_error(e, layers) from None
+    if isinstance(job.size, list | tuple):
+        # omegaconf leaves an `Any` list as ListConfig-derived values; make it plain ints.
+        job = dataclasses.replace(job, size=list(job.size))
+    _validate(job)
+    return job

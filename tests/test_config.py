@@ -1,0 +1,190 @@
+"""The animate job config: layering, strictness (one-line errors naming the key), runbooks."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from freeanimate_jax.config import (
+    DEMO_CONFIG,
+    TINY_MODEL,
+    AnimateConfig,
+    AnimateJob,
+    ConfigError,
+    default_compilation_cache,
+    load_job,
+)
+from freeanimate_jax.pipelines.animate import AnimateSettings
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write(tmp_path, text: str, name: str = "job.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def error_of(*args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_job(*args, **kwargs)
+    text = str(info.value)
+    assert "\n" not in text, f"error spans lines: {text!r}"
+    return text
+
+
+def test_defaults_match_animate_settings():
+    job = load_job(None, [])
+    assert job.settings() == AnimateSettings()
+    assert job.size_hw == (512, 512) and job.dtype == "auto" and job.frames is None
+    assert {f.name for f in dataclasses.fields(AnimateConfig)} == {
+        f.name for f in dataclasses.fields(AnimateSettings)}
+
+
+def test_job_is_frozen():
+    job = load_job(None, [])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.fps = 3  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.animate.steps = 3  # type: ignore[misc]
+
+
+def test_layers_later_wins(tmp_path):
+    path = write(tmp_path, "size: 256\nprompt: from file\nanimate:\n  steps: 10\n  seed: 4\n")
+    job = load_job(path, ["animate.steps=3"], base={"fps": 12, "animate": {"seed": 1}},
+                   flags={"prompt": "from flag"})
+    assert job.size_hw == (256, 256)
+    assert job.fps == 12.0  # base, untouched by the file
+    assert job.animate.seed == 4  # file over base
+    assert job.prompt == "from flag"  # flags over the file
+    assert job.animate.steps == 3  # overrides over everything
+    job = load_job(path, ["prompt=override"], flags={"prompt": "from flag"})
+    assert job.prompt == "override"
+
+
+def test_override_values_are_typed():
+    job = load_job(None, ["size=[512,384]", "animate.iba_layers=[a.attn1,b.attn1]",
+                          "animate.clip_skip=2", "animate.guidance_scale=3", "frames=8"])
+    assert job.size_hw == (512, 384)
+    settings = job.settings()
+    assert settings.iba_layers == ("a.attn1", "b.attn1")  # lists become AnimateSettings' tuples
+    assert settings.clip_skip == 2 and settings.guidance_scale == 3.0 and job.frames == 8
+
+
+def test_string_overrides_are_verbatim():
+    # YAML would read `yes` as true and `123` as a number; a string key keeps the text.
+    job = load_job(None, ["prompt=yes", "animate.negative_prompt=123", "model=a=b"])
+    assert job.prompt == "yes" and job.animate.negative_prompt == "123" and job.model == "a=b"
+
+
+@pytest.mark.parametrize("override, key, listed", [
+    ("colour=red", "'colour'", "model, controlnet, prompt, size"),
+    ("animate.stepz=3", "'animate.stepz'", "steps, preview_steps, guidance_scale"),
+])
+def test_unknown_override_key(override, key, listed):
+    text = error_of(None, [override])
+    assert f"unknown config key {key}" in text and listed in text
+
+
+def test_unknown_key_suggests_the_animate_section():
+    text = error_of(None, ["steps=3"])
+    assert "unknown config key 'steps'" in text and "did you mean 'animate.steps'" in text
+
+
+def test_unknown_key_in_file(tmp_path):
+    text = error_of(write(tmp_path, "animate:\n  steps: 4\n  guidance: 3\n"), [])
+    assert "unknown config key 'animate.guidance'" in text and "guidance_scale" in text
+    text = error_of(write(tmp_path, "modle: x\n"), [])
+    assert "unknown config key 'modle'" in text and "expected one of the top-level keys" in text
+
+
+@pytest.mark.parametrize("override, phrase", [
+    ("animate.steps=abc", "config key 'animate.steps' = 'abc' has the wrong type; expected an "
+                          "integer"),
+    ("animate.steps=2.5", "expected an integer"),
+    ("fps=fast", "config key 'fps' = 'fast' has the wrong type; expected a number"),
+    ("animate.iba_layers=up", "expected a list of strings"),
+    ("animate.clip_skip=x", "expected an integer or null"),
+    ("animate=3", "sets the whole section 'animate'"),
+    ("model.sub=1", "'model' is a value, not a section"),
+    ("animate.steps", "is not key=value"),
+    ("size=[64]", "expected an integer or [height, width]"),
+    ("size=big", "expected an integer or [height, width]"),
+    ("dtype=float16", "expected one of auto, float32, bfloat16"),
+    ("frames=0", "expected a pose count of at least 1"),
+    ("fps=0", "fps=0.0; expected a positive number"),
+    ("sheet_rows=0", "sheet_rows=0; expected at least 1"),
+    ("animate.cache_mode=disk", "animate: cache_mode='disk'; expected one of"),
+    ("animate.iba_until=2", "animate: iba_until=2.0 must be a fraction"),
+    ("animate.steps=0", "animate: steps and preview_steps must be at least 1"),
+    ("model=builtin:tiny", "expected both or neither to be 'builtin:tiny'"),
+])
+def test_bad_values(override, phrase):
+    assert phrase in error_of(None, [override])
+
+
+def test_wrong_type_in_file(tmp_path):
+    text = error_of(write(tmp_path, "animate:\n  ra_sa_layers: up_blocks\n"), [])
+    assert "'animate.ra_sa_layers' = 'up_blocks' has the wrong type" in text
+    text = error_of(write(tmp_path, "animate: 3\n"), [])
+    assert "section 'animate' is an int; expected a mapping" in text
+
+
+@pytest.mark.parametrize("size", ["100", "[512,500]", "4"])
+def test_size_must_be_multiple_of_8(size):
+    assert "not a multiple of 8" in error_of(None, [f"size={size}"])
+
+
+def test_bad_files(tmp_path):
+    assert "no such config file" in error_of(str(tmp_path / "missing.yaml"), [])
+    assert "malformed YAML" in error_of(write(tmp_path, "animate: [unclosed\n"), [])
+    assert "top level is a list" in error_of(write(tmp_path, "- 1\n- 2\n"), [])
+    assert load_job(write(tmp_path, ""), []) == load_job(None, [])  # empty file = defaults
+
+
+def test_compilation_cache_default(monkeypatch, tmp_path):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_compilation_cache() == str(tmp_path / "freeanimate_jax" / "xla")
+    assert load_job(None, []).compilation_cache == str(tmp_path / "freeanimate_jax" / "xla")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+    assert load_job(None, []).compilation_cache == str(tmp_path / "jax")
+    assert load_job(None, ["compilation_cache="]).compilation_cache == ""
+
+
+def test_to_dict_is_plain():
+    d = load_job(None, []).to_dict()
+    assert d["animate"]["iba_layers"] == list(AnimateSettings().iba_layers)
+    assert d["model"] == AnimateJob().model
+
+
+# -- the runbooks -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["demo", "sd15_animate", "sd15_animate_long"])
+def test_runbooks_parse_and_document_themselves(name):
+    path = CONFIGS / f"{name}.yaml"
+    text = path.read_text()
+    assert text.startswith("# "), "a runbook starts with its header comment"
+    assert "freeanimate animate" in text and "Expect" in text  # the command, what to expect
+    job = load_job(str(path), [])
+    job.settings()
+
+
+def test_demo_yaml_matches_the_builtin_demo_config():
+    # `--demo` uses DEMO_CONFIG (an installed package has no configs/); the runbook must agree.
+    assert load_job(str(CONFIGS / "demo.yaml"), []) == load_job(None, [], base=DEMO_CONFIG)
+    job = load_job(None, [], base=DEMO_CONFIG)
+    assert job.model == TINY_MODEL and job.size_hw == (64, 64) and job.dtype == "float32"
+    assert job.animate.steps == job.animate.preview_steps == 6
+
+
+def test_sd15_runbooks():
+    job = load_job(str(CONFIGS / "sd15_animate.yaml"), [])
+    assert job.model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert job.controlnet == "lllyasviel/control_v11p_sd15_openpose"
+    assert job.size_hw == (512, 512) and job.animate.steps == 25
+    assert job.animate.cache_mode == "hidden" and job.frames is None
+    long = load_job(str(CONFIGS / "sd15_animate_long.yaml"), [])
+    assert long.frames == 64 and long.animate.cache_mode == "recompute"
+    # Otherwise the same job: the long runbook is a few overrides of the short one.
+    assert dataclasses.replace(long, frames=None, animate=job.animate) == job
+    assert dataclasses.replace(long.animate, cache_mode="hidden") == job.animate
