@@ -1,0 +1,120 @@
+"""MotionAdapter -> a diffusers MotionAdapter folder, or a file in the released AnimateDiff layout.
+
+Both carry the sinusoidal position tables their loaders expect (diffusers: one `pos_embed.pe`
+per transformer block; the original: one `pos_encoder.pe` per attention), computed as the model
+computes them. Writes are atomic: a staging file or folder beside the target, then `os.replace`,
+so a reader never sees half an export.
+
+The weights do not record GroupNorm semantics: a diffusers folder reloads with diffusers'
+across-frame GroupNorm, an original-layout file with the original per-frame one (and v1's
+across-frame resnet norms when its table has 24 positions), whatever the adapter used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from freeanimate_jax.models.motion import MotionAdapter
+from freeanimate_jax.models.unet_blocks import BasicTransformerBlock, sinusoidal_positions
+from freeanimate_jax.weights.convert import WeightsError, export_state_dict
+from freeanimate_jax.weights.motion import diffusers_to_original_key
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+def _position_tables(adapter: MotionAdapter, *, original: bool) -> dict[str, np.ndarray]:
+    tables = {}
+    for path, node in nnx.iter_graph(adapter):
+        if not isinstance(node, BasicTransformerBlock) or not node.positions:
+            continue
+        block = ".".join(map(str, path))
+        pe = sinusoidal_positions(node.positions, node.attn1.to_q.in_features)[None]
+        if original:
+            for attn in ("attn1", "attn2"):
+                tables[f"{diffusers_to_original_key(f'{block}.{attn}')}.pos_encoder.pe"] = pe
+        else:
+            tables[f"{block}.pos_embed.pe"] = pe
+    return tables
+
+
+def adapter_state(adapter: MotionAdapter, *, original: bool) -> dict[str, np.ndarray]:
+    """All tensors of an export: PyTorch layouts, diffusers or original names, position tables."""
+    if not isinstance(adapter, MotionAdapter):
+        raise TypeError(f"expected a MotionAdapter, got {type(adapter).__name__}")
+    state = export_state_dict(adapter)
+    if original:
+        state = {diffusers_to_original_key(k): v for k, v in state.items()}
+    state.update(_position_tables(adapter, original=original))
+    # safetensors writes raw buffers: transposed views must be made contiguous.
+    return {k: np.ascontiguousarray(v) for k, v in state.items()}
+
+
+@contextlib.contextmanager
+def _staged(target: Path, *, folder: bool, overwrite: bool) -> Iterator[Path]:
+    """Yield a staging path beside `target`; on success it replaces `target` atomically."""
+    if target.exists() and not overwrite:
+        raise WeightsError(f"{target}: already exists (pass overwrite=True to replace it)")
+    if target.exists() and target.is_dir() != folder:
+        raise WeightsError(f"{target}: exists and is not a {'folder' if folder else 'file'}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex
+    staging = target.parent / f".{target.name}.staging-{tag}"
+    trash = target.parent / f".{target.name}.old-{tag}"
+    if folder:
+        staging.mkdir()
+    try:
+        yield staging
+        if folder and target.exists():  # os.replace cannot replace a non-empty folder
+            os.replace(target, trash)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if trash.exists() and not target.exists():
+                os.replace(trash, target)  # put back what was there
+            raise
+    finally:
+        for leftover in (staging, trash):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            elif leftover.exists():
+                leftover.unlink()
+
+
+def _save(state: dict[str, np.ndarray], file: Path) -> None:
+    from safetensors.numpy import save_file
+
+    save_file(state, str(file), metadata={"format": "pt"})  # "pt": what torch loaders check
+
+
+def export_motion_adapter(adapter: MotionAdapter, folder: str | Path, *,
+                          overwrite: bool = False) -> Path:
+    """Write a diffusers MotionAdapter folder (`config.json` + safetensors); returns it."""
+    folder = Path(folder).expanduser()
+    state = adapter_state(adapter, original=False)
+    with _staged(folder, folder=True, overwrite=overwrite) as staging:
+        config = json.dumps(adapter.cfg.to_diffusers(), indent=2, sort_keys=True)
+        (staging / "config.json").write_text(config + "\n")
+        _save(state, staging / WEIGHTS_NAME)
+    return folder
+
+
+def export_original(adapter: MotionAdapter, file: str | Path, *,
+                    overwrite: bool = False) -> Path:
+    """Write the adapter in the released AnimateDiff key layout, as `.safetensors` (a pickle
+    could not be read back safely by others); returns the file."""
+    file = Path(file).expanduser()
+    if file.suffix.lower() != ".safetensors":
+        raise WeightsError(f"{file}: export_original writes .safetensors files only")
+    state = adapter_state(adapter, original=True)
+    with _staged(file, folder=False, overwrite=overwrite) as staging:
+        _save(state, staging)
+    return file
