@@ -1,0 +1,80 @@
+"""`freeanimate fit animate`: ahead-of-time per-chip HBM on an abstract TPU topology.
+
+The tiny model family keeps the TPU compiles to seconds; the real SD 1.5 numbers are in
+docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from freeanimate_jax.fit import GiB, main, parse_settings
+
+pytest.importorskip("libtpu")
+
+
+def test_tiny_fits_on_v5e_4(capsys):
+    rc = main(["animate", "--topology", "v5e-4", "--frames", "4", "--size", "64", "--tiny",
+               "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and report["fits"] and report["verdict"].startswith("fits")
+    assert report["chips"] == 4 and report["padded_frames"] == 4
+    names = [st["name"] for st in report["stages"]]
+    assert names == ["text encoder", "VAE encode", "reference inversion", "preview",
+                     "preview inversion", "denoise", "VAE decode"]
+    for st in report["stages"]:
+        assert st["error"] is None and st["fits"], st
+        assert st["args"] > 0 and st["outputs"] > 0 and st["total"] > 0, st
+        assert st["total"] == st["args"] + st["temps"] + st["outputs"] - st["alias"]
+        assert st["total"] <= st["peak"] < report["hbm_bytes"]
+    assert report["hbm_bytes"] == int(15.75 * GiB)
+    cache = report["cache"]
+    # The analytic cache size is exactly what the compiled preview inversion hands to denoise.
+    assert cache["mode"] == "hidden" and cache["layers"]
+    assert cache["bytes_per_chip"] == cache["bytes_per_chip_compiled_shapes"] > 0
+    per = cache["bytes_per_frame_step"]
+    assert per["maps"] > per["hidden"] > per["recompute"] > 0
+
+
+def test_bad_topology_is_one_line_exit_2(capsys):
+    assert main(["animate", "--topology", "v7x-9000", "--tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "v7x-9000" in err[0] and "v5e-8" in err[0]
+
+
+@pytest.mark.parametrize("argv", [["animate", "steps=2", "bogus=1"], ["banana"],
+                                  ["animate", "cache_mode=disk"], ["animate", "--size", "100"],
+                                  ["animate", "--stages", "everything"]])
+def test_bad_arguments_exit_2(argv, capsys):
+    assert main(argv) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_settings_parse_by_field_type():
+    s = parse_settings(["cache_mode=recompute", "steps=10", "iba_until=0.5",
+                        "iba_layers=up_blocks.2.*.attn1, up_blocks.3.*.attn1", "clip_skip=none"])
+    assert s.cache_mode == "recompute" and s.steps == 10 and s.iba_until == 0.5
+    assert s.iba_layers == ("up_blocks.2.*.attn1", "up_blocks.3.*.attn1") and s.clip_skip is None
+    assert parse_settings(["clip_skip=2"]).clip_skip == 2
+
+
+def test_over_budget_exits_1(capsys):
+    # A deliberately tiny HBM budget: the compile succeeds, our check refuses.
+    rc = main(["animate", "--topology", "v5e-1", "--frames", "4096", "--size", "64", "--tiny",
+               "--hbm-gib", "0.001", "--stages", "text encoder"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "does not fit: text encoder" in out and "GiB over" in out
+
+
+def test_compiler_hbm_overflow_exits_1(capsys):
+    # maps mode keeps every step's fp32 softmax maps: thousands of frames overflow one v5e chip
+    # for real, and the TPU compiler's refusal is reported as "does not fit".
+    rc = main(["animate", "--topology", "v5e-1", "--frames", "4096", "--size", "64", "--tiny",
+               "--json", "--stages", "preview inversion", "cache_mode=maps"])
+    report = json.loads(capsys.readouterr().out)
+    (st,) = report["stages"]
+    assert rc == 1 and not report["fits"] and not st["fits"]
+    assert st["error"].startswith("does not fit: ") and "HBM" in st["error"]
+    assert report["verdict"].startswith("does not fit: preview inversion")
