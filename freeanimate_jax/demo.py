@@ -48,20 +48,18 @@ def _byte_chars() -> list[str]:
 
 
 @functools.lru_cache(maxsize=1)
-def _byte_tokenizer_dir() -> str:
-    chars = _byte_chars()
-    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    folder = Path(tempfile.mkdtemp(prefix="freeanimate-tiny-tokenizer-"))
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return str(folder)
-
-
 def tiny_tokenizer():
     """A real CLIPTokenizer whose vocabulary is single bytes (no merges): 514 tokens."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(_byte_tokenizer_dir(), model_max_length=77)
+    chars = _byte_chars()
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    # The tokenizer reads its files once; the folder goes away with the context.
+    with tempfile.TemporaryDirectory(prefix="freeanimate-tiny-tokenizer-") as tmp:
+        folder = Path(tmp)
+        (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+        (folder / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
 
 
 TINY_MOTION = dict(_class_name="MotionAdapter", block_out_channels=[32, 64],
