@@ -2,7 +2,11 @@
 
     freeanimate animate --reference IMG --poses PATH --out OUT.mp4 [options] [key=value ...]
     freeanimate animate --demo --out demo.mp4       # tiny built-in models, no download
+    freeanimate generate --prompt TEXT --out OUT.mp4 [options] [key=value ...]  # cli_generate
     freeanimate fit ...                             # delegated to freeanimate_jax.fit
+
+This module: `animate`, and the run machinery both video commands share (output checks, atomic
+writes, progress, errors, the run record); their shared options and model assembly: cli_generate.
 
 Bad input is one line on stderr (`freeanimate: error: ...; expected ...`) and exit status 2,
 found before any model is loaded or compiled where it can be; nothing is written unless the
@@ -16,6 +20,7 @@ than its box at the model size (the model's pixels are not upscaled).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import platform
@@ -23,14 +28,16 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
+from freeanimate_jax import cli_generate
 from freeanimate_jax import config as cfg
-from freeanimate_jax.config import AnimateJob, ConfigError
+from freeanimate_jax.cli_generate import add_job_options, check_motion_window, config_epilog
+from freeanimate_jax.config import AnimateJob, ConfigError, Job
 from freeanimate_jax.io import InputError, contact_sheet, crop_box, letterbox, load_image
 from freeanimate_jax.io import video as vio
 from freeanimate_jax.pipelines.animate import FreeAnimate
@@ -87,49 +94,25 @@ class ConsoleProgress(Progress):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="FreeAnimate: animate a reference image with a pose sequence "
-        "(Stable Diffusion 1.5 + openpose ControlNet, training-free).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{animate,fit}")
+        "(Stable Diffusion 1.5 + openpose ControlNet, training-free); AnimateDiff text-to-video.")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{animate,generate,fit}")
     a = sub.add_parser("animate", help="reference image + poses (+ prompt) -> video",
                        description="Animate --reference with --poses. Settings come from the "
                        "defaults, --config FILE, the options below and trailing key=value "
                        "overrides (later wins), e.g. animate.steps=30 size=[512,384].",
-                       epilog="config keys: " + ", ".join(
-                           f.name for f in dataclasses.fields(AnimateJob) if f.name != "animate")
-                       + "; and animate.KEY for KEY in: "
-                       + ", ".join(f.name for f in dataclasses.fields(cfg.AnimateConfig)))
+                       epilog=config_epilog(AnimateJob))
     a.add_argument("--reference", metavar="IMG", help="the person to animate (any image)")
     a.add_argument("--poses", metavar="PATH", help="OpenPose JSON file/folder, skeleton "
                    "image(s) or skeleton video")
-    a.add_argument("--prompt", metavar="TEXT", help="text prompt (config key prompt)")
-    a.add_argument("--negative-prompt", metavar="TEXT",
-                   help="negative prompt (config key animate.negative_prompt)")
-    a.add_argument("--config", metavar="FILE", help="YAML job file (see configs/)")
-    a.add_argument("--model", metavar="ID|DIR", help="diffusers SD 1.5 folder or hub id")
     a.add_argument("--controlnet", metavar="ID|DIR", help="openpose ControlNet folder or hub id")
-    a.add_argument("--demo", action="store_true", help="built-in tiny models and demo inputs: "
-                   "no download, no --reference/--poses needed")
     a.add_argument("--frames", type=int, metavar="N", help="use only the first N poses")
-    a.add_argument("--out", required=True, metavar="OUT.(mp4|gif|npz)", help="the video; "
-                   "OUT.sheet.png and OUT.json are written next to it")
-    a.add_argument("--quiet", action="store_true", help="no progress or summary on stdout. "
-                   "The step display appears only on a terminal: JAX does not persist programs "
-                   "that call back to the host, so runs from scripts keep every stage in the "
-                   "compilation cache")
-    a.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    add_job_options(a, AnimateJob, "built-in tiny models and demo inputs: no download, no "
+                    "--reference/--poses needed")
+    cli_generate.add_parser(sub)
     sub.add_parser("fit", help="delegated to freeanimate_jax.fit (run `freeanimate fit -h`)",
                    add_help=False)
     return parser
-
-
-def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The typed CLI options as a config layer (kept out of the dotlist: no YAML re-parsing)."""
-    flags: dict[str, Any] = {}
-    for key in ("model", "controlnet", "prompt", "frames"):
-        if getattr(args, key) is not None:
-            flags[key] = getattr(args, key)
-    if args.negative_prompt is not None:
-        flags["animate"] = {"negative_prompt": args.negative_prompt}
-    return flags
 
 
 # -- outputs ------------------------------------------------------------------------------------
@@ -207,17 +190,6 @@ def resolve_dtype(name: str) -> Any:
     return jnp.dtype(name)
 
 
-def load_models(job: AnimateJob, dtype: Any) -> Any:
-    if job.model == cfg.TINY_MODEL:
-        from freeanimate_jax.demo import tiny_models
-
-        return tiny_models(0, dtype=dtype)
-    from freeanimate_jax.weights.pipeline import load_pipeline
-
-    return load_pipeline(job.model, controlnet=job.controlnet, dtype=dtype,
-                         cache_dir=job.weights_cache or None)
-
-
 def _load_inputs(args: argparse.Namespace, job: AnimateJob, say: Callable[[str], None]):
     size_hw = job.size_hw
     if not args.demo and (args.reference is None or args.poses is None):
@@ -263,67 +235,63 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def animate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-    started = time.perf_counter()
-    job = cfg.load_job(args.config, overrides, base=cfg.DEMO_CONFIG if args.demo else None,
-                       flags=_flags(args))
-    outputs = prepare_outputs(args.out)
-    try:
-        return _run(args, job, outputs, started)
-    except BaseException:
-        outputs.remove_created_dirs()
-        raise
-
-
-def _run(args: argparse.Namespace, job: AnimateJob, outputs: Outputs, started: float) -> int:
+def make_progress(args: argparse.Namespace) -> ConsoleProgress:
     progress = ConsoleProgress(enabled=not args.quiet)
     # Step callbacks only for a terminal: JAX does not persist programs with host callbacks,
     # and scripted runs (logs, pods) gain more from the compilation cache than from a display.
     progress.enabled = progress.enabled and progress.tty
-    reference, ref_in, box, out_hw, poses = _load_inputs(args, job, progress.say)
-    settings = job.settings()
-    # Everything above is cheap; models, compilation and the run come only after it passed.
+    return progress
+
+
+def start_runtime(job: Job, frames: int | None = None, what: str = "") -> tuple[Any, Any]:
+    """Compilation cache, dtype and a frame mesh over all devices (when more than one).
+    `frames`: a video that must divide over the mesh (a motion module sees every frame, so
+    padding would change the video)."""
     import jax
 
     from freeanimate_jax import parallel
 
-    enable_compilation_cache(job.compilation_cache)
-    dtype = resolve_dtype(job.dtype)
     mesh = parallel.make_mesh() if len(jax.devices()) > 1 else None
-    progress.say(f"loading models ({job.model}) in {np.dtype(dtype).name} on "
-                 f"{len(jax.devices())} {jax.default_backend()} device(s)")
-    clock = time.perf_counter()
-    models = load_models(job, dtype)
-    load_s = time.perf_counter() - clock
-    try:
-        pipe = FreeAnimate(models, settings, mesh=mesh, progress=progress)
-    except ValueError as e:  # e.g. a scheduler whose timesteps cannot be inverted
-        raise ConfigError(f"{job.model}: {e}") from None
-    progress.say(f"animating {len(poses)} frames at {job.size_hw[0]}x{job.size_hw[1]} "
-                 f"(each stage compiles on first use)")
-    progress.t0 = time.perf_counter()
-    result = pipe(ref_in, poses, job.prompt)
+    if mesh is not None and frames is not None and frames % mesh.size:
+        raise ConfigError(f"{what}: {frames} frames do not divide over {mesh.size} devices; "
+                          f"expected a multiple of {mesh.size} (a motion module sees the whole "
+                          f"video, so frames cannot be padded)")
+    enable_compilation_cache(job.compilation_cache)
+    return resolve_dtype(job.dtype), mesh
 
-    bad = [int((~np.isfinite(x.reshape(len(x), -1))).any(1).sum())
-           for x in (result.frames, result.preview)]
-    if any(bad):
-        raise OutputError(f"the result has NaN/inf values ({bad[0]} of {len(poses)} frames, "
-                          f"{bad[1]} preview frames; nothing written); expected finite frames: "
-                          f"try dtype=float32 or check the weights")
-    frames = crop_box(result.frames, box, out_hw)
-    sheet = contact_sheet({
-        "reference": crop_box(ref_in, box, out_hw),
-        "pose": crop_box(poses, box, out_hw, kind="pose"),
-        "preview": crop_box(result.preview, box, out_hw),
-        "result": frames,
-    }, rows=job.sheet_rows)
-    timings = {"load_models": load_s, **result.timings}
-    timings["total"] = time.perf_counter() - started
-    record = {
+
+@contextlib.contextmanager
+def pipeline_errors() -> Iterator[None]:
+    """The pipelines reject settings with ValueError, some only while tracing (a video longer
+    than the motion module's position table): the user's settings, reported as such."""
+    try:
+        yield
+    except USER_ERRORS:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{' '.join(str(e).split())}; expected settings these models support "
+                          f"(nothing written)") from None
+
+
+def check_finite(frames: np.ndarray, **others: np.ndarray) -> None:
+    bad = {name: int((~np.isfinite(x.reshape(len(x), -1))).any(1).sum())
+           for name, x in {"": frames, **others}.items()}
+    if any(bad.values()):
+        counts = ", ".join([f"{bad.pop('')} of {len(frames)} frames",
+                            *(f"{n} {name} frames" for name, n in bad.items())])
+        raise OutputError(f"the result has NaN/inf values ({counts}; nothing written); expected "
+                          f"finite frames: try dtype=float32 or check the weights")
+
+
+def run_record(args: argparse.Namespace, job: Job, dtype: Any, mesh: Any, outputs: Outputs,
+               frames: np.ndarray, inputs: dict[str, Any], timings: dict[str, float]
+               ) -> dict[str, Any]:
+    """The run's JSON record: resolved settings, inputs, outputs, runtime, timings, versions."""
+    import jax
+
+    return {
         "config": {**job.to_dict(), "dtype_resolved": np.dtype(dtype).name},
-        "inputs": {"reference": args.reference or "demo", "poses": args.poses or "demo",
-                   "reference_hw": list(reference.shape[:2]), "frames": len(poses),
-                   "demo": bool(args.demo)},
+        "inputs": {**inputs, "demo": bool(args.demo)},
         "outputs": {"video": outputs.video.name, "sheet": outputs.sheet.name,
                     "json": outputs.record.name, "frames": int(frames.shape[0]),
                     "height": int(frames.shape[1]), "width": int(frames.shape[2]),
@@ -334,9 +302,14 @@ def _run(args: argparse.Namespace, job: AnimateJob, outputs: Outputs, started: f
         "versions": _versions(),
         "argv": [PROG, *(args.argv or [])],
     }
+
+
+def write_outputs(outputs: Outputs, frames: np.ndarray, sheet: np.ndarray,
+                  record: dict[str, Any], fps: float, progress: ConsoleProgress) -> None:
+    """All three files or none."""
     try:
         vio.write_files_atomic([
-            (outputs.video, lambda p: _quiet_fork(vio.write_video, p, frames, job.fps)),
+            (outputs.video, lambda p: _quiet_fork(vio.write_video, p, frames, fps)),
             (outputs.sheet, lambda p: vio.write_png_atomic(p, sheet)),
             (outputs.record, lambda p: vio.write_json_atomic(p, record)),
         ])
@@ -346,7 +319,57 @@ def _run(args: argparse.Namespace, job: AnimateJob, outputs: Outputs, started: f
                           f"with free space") from None
     progress.say(f"wrote {outputs.video} ({frames.shape[0]} frames, {frames.shape[1]}x"
                  f"{frames.shape[2]}), {outputs.sheet.name}, {outputs.record.name} in "
-                 f"{timings['total']:.1f}s")
+                 f"{record['timings']['total']:.1f}s")
+
+
+def with_outputs(out: str, run: Callable[[Outputs], int]) -> int:
+    """`run` with the checked outputs; folders made for them go again if it fails."""
+    outputs = prepare_outputs(out)
+    try:
+        return run(outputs)
+    except BaseException:
+        outputs.remove_created_dirs()
+        raise
+
+
+def animate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    started = time.perf_counter()
+    job = cfg.load_job(args.config, overrides, base=cfg.DEMO_CONFIG if args.demo else None,
+                       flags=cli_generate.job_flags(args, AnimateJob))
+    return with_outputs(args.out, lambda outputs: _run(args, job, outputs, started))
+
+
+def _run(args: argparse.Namespace, job: AnimateJob, outputs: Outputs, started: float) -> int:
+    progress = make_progress(args)
+    reference, ref_in, box, out_hw, poses = _load_inputs(args, job, progress.say)
+    settings = job.settings()
+    # Everything above is cheap; models, compilation and the run come only after it passed.
+    n = len(poses)
+    dtype, mesh = start_runtime(job, n if job.motion_module else None, "the poses")
+    models, load_s = cli_generate.load_timed(job, dtype, progress)
+    if job.motion_module:
+        check_motion_window(models.unet, n, "the poses", " (--frames N): animate has no "
+                            "context windows")
+    progress.say(f"animating {n} frames at {job.size_hw[0]}x{job.size_hw[1]} "
+                 f"(each stage compiles on first use)")
+    progress.t0 = time.perf_counter()
+    with pipeline_errors():  # e.g. a scheduler whose timesteps cannot be inverted
+        result = FreeAnimate(models, settings, mesh=mesh, progress=progress)(
+            ref_in, poses, job.prompt)
+    check_finite(result.frames, preview=result.preview)
+    frames = crop_box(result.frames, box, out_hw)
+    sheet = contact_sheet({
+        "reference": crop_box(ref_in, box, out_hw),
+        "pose": crop_box(poses, box, out_hw, kind="pose"),
+        "preview": crop_box(result.preview, box, out_hw),
+        "result": frames,
+    }, rows=job.sheet_rows)
+    timings = {"load_models": load_s, **result.timings,
+               "total": time.perf_counter() - started}
+    inputs = {"reference": args.reference or "demo", "poses": args.poses or "demo",
+              "reference_hw": list(reference.shape[:2]), "frames": n}
+    record = run_record(args, job, dtype, mesh, outputs, frames, inputs, timings)
+    write_outputs(outputs, frames, sheet, record, job.fps, progress)
     return 0
 
 
@@ -374,8 +397,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.argv = argv
+    command = cli_generate.generate if args.command == "generate" else animate
     try:
-        return animate(args, [*args.overrides, *extra])
+        return command(args, [*args.overrides, *extra])
     except USER_ERRORS as e:
         text = " ".join(str(e).split()) or type(e).__name__
         print(f"{PROG}: error: {text}", file=sys.stderr)

@@ -1,16 +1,21 @@
-"""The animate job's configuration: typed frozen dataclasses, YAML files and `key=value` overrides.
+"""Job configuration of `freeanimate animate` and `freeanimate generate`: typed frozen
+dataclasses, YAML files and `key=value` overrides.
 
 Layers, later wins: the dataclass defaults, an optional `base` mapping (the demo's defaults),
 the YAML file, `flags` (the CLI's typed options such as --prompt) and finally the `key=value`
 overrides. Loading is strict: an unknown key, a value of the wrong type or an out-of-range value
 is a ConfigError with one line that names the key and says what was expected.
 
-The `animate:` section is every field of `AnimateSettings`, generated from that class (so the two
-never drift); tuples become lists, which is what YAML and omegaconf hold.
+The two jobs share their top-level keys (models, size, dtype, caches, ...). Each has one
+settings section generated from its pipeline's settings class, so the two never drift:
+`animate:` is every field of `AnimateSettings`, `generate:` every field of `GenerateSettings`;
+tuples become lists, which is what YAML and omegaconf hold. `scheduler:` likewise holds every
+field of the DDIM `SchedulerConfig`, each null by default: set ones replace the model folder's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -18,15 +23,20 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, List, Optional, Union  # noqa: UP035 (omegaconf 2.3)
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from freeanimate_jax.diffusion.ddim import SchedulerConfig
 from freeanimate_jax.pipelines.animate import AnimateSettings
+from freeanimate_jax.pipelines.generate import GenerateSettings
 
 SD15_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 OPENPOSE_CONTROLNET = "lllyasviel/control_v11p_sd15_openpose"
+MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"  # AnimateDiff v2, diffusers layout
+MOTION_EXPECTED = ("an AnimateDiff motion module for SD 1.5: a diffusers MotionAdapter folder or "
+                   "hub id, or a released .ckpt/.safetensors file")
 # Selects the tiny random family of `freeanimate_jax.demo` (no download). Hub ids never contain
 # a colon, so it cannot shadow one.
 TINY_MODEL = "builtin:tiny"
@@ -56,38 +66,62 @@ def _config_type(tp: Any) -> Any:
     return tp
 
 
-def _animate_fields() -> list[tuple[str, Any, dataclasses.Field]]:
-    hints = typing.get_type_hints(AnimateSettings)
-    out = []
-    for f in dataclasses.fields(AnimateSettings):
-        if isinstance(f.default, tuple):
+def _section(name: str, settings: type, *, overrides: bool = False) -> type:
+    """A frozen config section with the fields of the dataclass `settings`; `overrides`: every
+    field optional and null by default (only the keys set replace another config's)."""
+    hints = typing.get_type_hints(settings)
+    fields = []
+    for f in dataclasses.fields(settings):
+        tp = _config_type(hints[f.name])
+        if overrides:
+            field = dataclasses.field(default=None)
+            tp = Optional[tp]  # noqa: UP045
+        elif isinstance(f.default, tuple):
             field = dataclasses.field(default_factory=lambda d=f.default: list(d))
         else:
             field = dataclasses.field(default=f.default)
-        out.append((f.name, _config_type(hints[f.name]), field))
-    return out
+        fields.append((f.name, tp, field))
+    cls = dataclasses.make_dataclass(name, fields, frozen=True)
+    cls.__module__ = __name__  # so it pickles and prints as ours
+    cls.__doc__ = f"{settings.__name__}'s fields{', each null by default' if overrides else ''}."
+    return cls
 
 
-AnimateConfig = dataclasses.make_dataclass("AnimateConfig", _animate_fields(), frozen=True)
-AnimateConfig.__module__ = __name__  # so it pickles and prints as ours
-AnimateConfig.__doc__ = "The `animate:` section: AnimateSettings's fields, tuples as lists."
+AnimateConfig = _section("AnimateConfig", AnimateSettings)
+GenerateConfig = _section("GenerateConfig", GenerateSettings)
+SchedulerOverrides = _section("SchedulerOverrides", SchedulerConfig, overrides=True)
+
+
+def parse_weighted(spec: str) -> tuple[str, float]:
+    """`FILE[:SCALE]` -> (FILE, SCALE); a tail that is not a number stays part of the path (so
+    `C:\\x.ckpt` is a path)."""
+    path, _, tail = spec.rpartition(":")
+    with contextlib.suppress(ValueError):
+        return (path, float(tail)) if path else (spec, 1.0)
+    return spec, 1.0
 
 
 @dataclasses.dataclass(frozen=True)
-class AnimateJob:
-    """Everything `freeanimate animate` needs besides the input and output paths."""
+class Job:
+    """The top-level keys both commands share; subclasses add their settings section."""
+
+    SECTION: ClassVar[str] = ""
+    SETTINGS: ClassVar[type] = object
 
     model: str = SD15_MODEL  # diffusers SD folder or hub id; `builtin:tiny` = the demo family
     controlnet: str = OPENPOSE_CONTROLNET
     prompt: str = ""
     size: Any = 512  # model resolution: an int or [H, W], multiples of 8
-    frames: Optional[int] = None  # noqa: UP045  use the first N poses; null = all of them
     fps: float = 8.0
     dtype: str = "auto"  # auto: bfloat16 on accelerators, float32 on CPU
     compilation_cache: str = dataclasses.field(default_factory=default_compilation_cache)
     weights_cache: str = ""  # folder for converted (orbax) weights; "" = convert every run
     sheet_rows: int = 4
-    animate: AnimateConfig = dataclasses.field(default_factory=AnimateConfig)
+    motion_module: str = ""  # AnimateDiff module: diffusers folder/hub id or released file
+    motion_lora: List[str] = dataclasses.field(default_factory=list)  # noqa: UP006  FILE[:SCALE]
+    domain_adapter: str = ""  # AnimateDiff v3's spatial LoRA, FILE[:SCALE]
+    lora: List[str] = dataclasses.field(default_factory=list)  # noqa: UP006  SD LoRAs
+    scheduler: SchedulerOverrides = dataclasses.field(default_factory=SchedulerOverrides)
 
     @property
     def size_hw(self) -> tuple[int, int]:
@@ -95,14 +129,41 @@ class AnimateJob:
             return (self.size, self.size)
         return (int(self.size[0]), int(self.size[1]))
 
-    def settings(self) -> AnimateSettings:
-        values = {f.name: getattr(self.animate, f.name) for f in dataclasses.fields(AnimateConfig)}
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return AnimateSettings(**values)
+    def settings(self) -> Any:
+        """The section as the pipeline's settings (lists back to tuples)."""
+        values = dataclasses.asdict(getattr(self, self.SECTION))
+        return self.SETTINGS(**{k: tuple(v) if isinstance(v, list) else v
+                                for k, v in values.items()})
+
+    def scheduler_overrides(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self.scheduler).items() if v is not None}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (lists, not tuples)."""
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class AnimateJob(Job):
+    """Everything `freeanimate animate` needs besides the input and output paths."""
+
+    SECTION: ClassVar[str] = "animate"
+    SETTINGS: ClassVar[type] = AnimateSettings
+
+    frames: Optional[int] = None  # noqa: UP045  use the first N poses; null = all of them
+    animate: AnimateConfig = dataclasses.field(default_factory=AnimateConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateJob(Job):
+    """Everything `freeanimate generate` needs besides the output path."""
+
+    SECTION: ClassVar[str] = "generate"
+    SETTINGS: ClassVar[type] = GenerateSettings
+
+    controlnet: str = ""  # optional here: a per-frame ControlNet driven by --poses
+    motion_module: str = MOTION_ADAPTER
+    generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
 
 
 DEMO_CONFIG: dict[str, Any] = {
@@ -117,12 +178,22 @@ DEMO_CONFIG: dict[str, Any] = {
     "sheet_rows": 4,
     "animate": {"steps": 6, "preview_steps": 6, "guidance_scale": 7.5, "seed": 0},
 }
+DEMO_GENERATE_CONFIG: dict[str, Any] = {
+    # Mirrored by configs/demo_generate.yaml, as DEMO_CONFIG by demo.yaml.
+    "model": TINY_MODEL,
+    "motion_module": TINY_MODEL,
+    "prompt": "a corgi running on the beach",
+    "size": 64,
+    "fps": 8.0,
+    "dtype": "float32",
+    "sheet_rows": 4,
+    "generate": {"frames": 16, "steps": 8, "guidance_scale": 7.5, "seed": 0},
+}
 
 
 # -- schema walking -----------------------------------------------------------------------------
 def _fields(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls) if cls is AnimateJob else {
-        f.name: f.type for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
@@ -138,9 +209,9 @@ def _keys_of(prefix: str) -> str:
     return f"the keys of section '{prefix}'" if prefix else "the top-level keys"
 
 
-def _lookup(key: str) -> Any:
+def _lookup(key: str, schema: type[Job]) -> Any:
     """The declared type of a dotted key; ConfigError naming the first unknown part."""
-    cls: Any = AnimateJob
+    cls: Any = schema
     parts = key.split(".")
     for i, part in enumerate(parts):
         prefix = ".".join(parts[:i])
@@ -149,22 +220,22 @@ def _lookup(key: str) -> Any:
             raise ConfigError(f"config key '{key}': '{prefix}' is a value, not a section; "
                               f"expected '{prefix}=...'")
         if part not in fields:
-            raise ConfigError(_unknown(".".join(parts[: i + 1]), prefix, fields))
+            raise ConfigError(_unknown(".".join(parts[: i + 1]), prefix, fields, schema))
         cls = fields[part]
     return cls
 
 
-def _unknown(key: str, prefix: str, fields: Mapping[str, Any]) -> str:
+def _unknown(key: str, prefix: str, fields: Mapping[str, Any], schema: type[Job]) -> str:
     hint = ""
     leaf = key.rsplit(".", 1)[-1]
-    if not prefix and leaf in _fields(AnimateConfig):
-        hint = f" (did you mean 'animate.{leaf}'?)"
+    if not prefix and leaf in _fields(_fields(schema)[schema.SECTION]):
+        hint = f" (did you mean '{schema.SECTION}.{leaf}'?)"
     return (f"unknown config key '{key}'{hint}; expected one of {_keys_of(prefix)}: "
             f"{', '.join(fields)}")
 
 
-def _check_keys(tree: Any, prefix: str = "") -> None:
-    cls = _lookup(prefix) if prefix else AnimateJob
+def _check_keys(tree: Any, schema: type[Job], prefix: str = "") -> None:
+    cls = _lookup(prefix, schema) if prefix else schema
     if not isinstance(tree, Mapping):
         raise ConfigError(f"config {_section_name(prefix)} is {_a(type(tree).__name__)}; "
                           f"expected a mapping of keys to values")
@@ -172,9 +243,9 @@ def _check_keys(tree: Any, prefix: str = "") -> None:
     for key, value in tree.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            raise ConfigError(_unknown(full, prefix, fields))
+            raise ConfigError(_unknown(full, prefix, fields, schema))
         if dataclasses.is_dataclass(fields[key]):
-            _check_keys(value, full)
+            _check_keys(value, schema, full)
 
 
 def _describe(tp: Any) -> str:
@@ -208,20 +279,22 @@ def _read_yaml(path: str) -> dict[str, Any]:
     return tree
 
 
-def _parse_overrides(overrides: Sequence[str]) -> list[dict[str, Any]]:
+def _parse_overrides(overrides: Sequence[str], schema: type[Job]) -> list[dict[str, Any]]:
     layers = []
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key or key != key.strip():
             raise ConfigError(f"override {item!r} is not key=value; expected e.g. "
-                              f"animate.steps=30")
-        tp = _lookup(key)
+                              f"{schema.SECTION}.steps=30")
+        tp = _lookup(key, schema)
         if dataclasses.is_dataclass(tp):
             raise ConfigError(f"override {item!r} sets the whole section '{key}'; expected "
                               f"'{key}.<key>=value'")
         # A string field takes the text verbatim: YAML would turn `prompt=yes` into True.
         if tp is str or tp == Optional[str]:  # noqa: UP045
             value: Any = raw
+        elif key in ("lora", "motion_lora") and not raw.startswith("["):
+            value = [raw] if raw else []  # lora=a.safetensors: a list of one, verbatim
         else:
             value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))["v"]
         for part in reversed(key.split(".")):
@@ -230,10 +303,11 @@ def _parse_overrides(overrides: Sequence[str]) -> list[dict[str, Any]]:
     return layers
 
 
-def _type_error(e: OmegaConfBaseException, layers: Sequence[Mapping[str, Any]]) -> ConfigError:
+def _type_error(e: OmegaConfBaseException, layers: Sequence[Mapping[str, Any]],
+                schema: type[Job]) -> ConfigError:
     key = getattr(e, "full_key", None) or ""
     try:
-        expected = _describe(_lookup(key)) if key else "the documented types"
+        expected = _describe(_lookup(key, schema)) if key else "the documented types"
     except ConfigError:
         expected = "the documented types"
     # Name the offending value as the user wrote it (the last layer that set it wins).
@@ -253,7 +327,7 @@ def _type_error(e: OmegaConfBaseException, layers: Sequence[Mapping[str, Any]]) 
 _MISSING = object()
 
 
-def _validate(job: AnimateJob) -> None:
+def _validate(job: Job) -> None:
     size = job.size
     sides = list(size) if isinstance(size, list | tuple) and len(size) == 2 else [size]
     if not all(isinstance(s, int) and not isinstance(s, bool) for s in sides):
@@ -261,7 +335,7 @@ def _validate(job: AnimateJob) -> None:
     if any(s < 8 or s % 8 for s in sides):
         raise ConfigError(f"size={size!r} is not a multiple of 8; expected a positive multiple "
                           f"of 8 (e.g. 512 or [512, 384]): the VAE downsamples 8x")
-    if job.frames is not None and job.frames < 1:
+    if getattr(job, "frames", None) is not None and job.frames < 1:
         raise ConfigError(f"frames={job.frames}: no poses to animate; expected a pose count of "
                           f"at least 1, or null for all poses")
     if not (math.isfinite(job.fps) and job.fps > 0):
@@ -270,37 +344,58 @@ def _validate(job: AnimateJob) -> None:
         raise ConfigError(f"dtype={job.dtype!r}; expected one of {', '.join(DTYPES)}")
     if job.sheet_rows < 1:
         raise ConfigError(f"sheet_rows={job.sheet_rows}; expected at least 1")
-    if job.animate.vae_chunk < 1:
-        raise ConfigError(f"animate.vae_chunk={job.animate.vae_chunk}; expected at least 1")
-    if (job.model == TINY_MODEL) != (job.controlnet == TINY_MODEL):
+    section = getattr(job, job.SECTION)
+    if section.vae_chunk < 1:
+        raise ConfigError(f"{job.SECTION}.vae_chunk={section.vae_chunk}; expected at least 1")
+    # The tiny family only fits itself; an empty controlnet (generate) is no ControlNet.
+    if isinstance(job, AnimateJob) and not job.controlnet:
+        raise ConfigError("controlnet='': FreeAnimate needs one; expected an openpose "
+                          "ControlNet folder or hub id")
+    if job.controlnet and (job.model == TINY_MODEL) != (job.controlnet == TINY_MODEL):
         raise ConfigError(f"model={job.model!r} with controlnet={job.controlnet!r}; expected "
                           f"both or neither to be {TINY_MODEL!r} (the tiny demo family)")
+    if job.motion_module == TINY_MODEL != job.model:
+        raise ConfigError(f"motion_module={TINY_MODEL!r} with model={job.model!r}; expected "
+                          f"model={TINY_MODEL!r} too: the tiny motion module fits only it")
+    if isinstance(job, GenerateJob) and not job.motion_module:
+        raise ConfigError("motion_module='': generate needs one; expected " + MOTION_EXPECTED)
+    if job.motion_lora and not job.motion_module:
+        raise ConfigError("motion_lora without a motion_module; expected --motion-module too")
+    if any(not spec for spec in [*job.lora, *job.motion_lora]):
+        raise ConfigError("an empty LoRA entry in lora/motion_lora; expected FILE[:SCALE]")
+    try:
+        SchedulerConfig(**job.scheduler_overrides())
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"scheduler: {str(e).removeprefix('scheduler config: ')}; expected "
+                          f"diffusers DDIMScheduler values") from None
     try:
         job.settings()
     except ValueError as e:
-        raise ConfigError(f"animate: {e}") from None
+        raise ConfigError(f"{job.SECTION}: {e}") from None
 
 
 def load_job(config_file: str | None, overrides: Sequence[str] = (), *,
-             base: Mapping[str, Any] | None = None,
-             flags: Mapping[str, Any] | None = None) -> AnimateJob:
-    """Defaults < `base` < the YAML file < `flags` < `key=value` overrides -> a validated job."""
+             base: Mapping[str, Any] | None = None, flags: Mapping[str, Any] | None = None,
+             schema: type[Job] = AnimateJob) -> Any:
+    """Defaults < `base` < the YAML file < `flags` < `key=value` overrides -> a validated job of
+    type `schema` (AnimateJob or GenerateJob)."""
     layers = [dict(base or {})]
     if config_file:
         layers.append(_read_yaml(config_file))
     layers.append(dict(flags or {}))
     for layer in layers:
-        _check_keys(layer)
-    layers += _parse_overrides(overrides)
-    schema = OmegaConf.structured(AnimateJob)
-    OmegaConf.set_readonly(schema, False)  # frozen dataclasses give read-only schemas
+        _check_keys(layer, schema)
+    layers += _parse_overrides(overrides, schema)
+    structured = OmegaConf.structured(schema)
+    OmegaConf.set_readonly(structured, False)  # frozen dataclasses give read-only schemas
     try:
-        merged = OmegaConf.merge(schema, *[OmegaConf.create(layer) for layer in layers])
+        merged = OmegaConf.merge(structured, *[OmegaConf.create(layer) for layer in layers])
         job = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise _type_error(e, layers) from None
+        raise _type_error(e, layers, schema) from None
+    # omegaconf leaves lists as ListConfig-derived values; make them plain.
+    job = dataclasses.replace(job, lora=list(job.lora), motion_lora=list(job.motion_lora))
     if isinstance(job.size, list | tuple):
-        # omegaconf leaves an `Any` list as ListConfig-derived values; make it plain ints.
         job = dataclasses.replace(job, size=list(job.size))
     _validate(job)
     return job

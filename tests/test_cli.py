@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from freeanimate_jax import cli
+from freeanimate_jax import cli, cli_generate
 from freeanimate_jax.io import read_video
 from freeanimate_jax.io import video as vio
 from freeanimate_jax.io.sheet import SEP
@@ -112,7 +112,7 @@ class FakeAnimate:
 def fake(monkeypatch):
     FakeAnimate.made, FakeAnimate.nan = [], False
     monkeypatch.setattr(cli, "FreeAnimate", FakeAnimate)
-    monkeypatch.setattr(cli, "load_models", lambda job, dtype: "models")
+    monkeypatch.setattr(cli_generate, "load_models", lambda job, dtype: "models")
     return FakeAnimate
 
 
@@ -297,7 +297,7 @@ def test_bugs_are_not_swallowed(inputs, capsys, monkeypatch):
     def broken(job, dtype):
         raise RuntimeError("a genuine bug")
 
-    monkeypatch.setattr(cli, "load_models", broken)
+    monkeypatch.setattr(cli_generate, "load_models", broken)
     with pytest.raises(RuntimeError, match="a genuine bug"):
         cli.main([str(a) for a in base_args(inputs)])
     assert listing(inputs.out) == []

@@ -1,4 +1,5 @@
-"""The animate job config: layering, strictness (one-line errors naming the key), runbooks."""
+"""The job configs (animate, generate): layering, strictness (one-line errors naming the key),
+runbooks."""
 
 import dataclasses
 from pathlib import Path
@@ -7,14 +8,21 @@ import pytest
 
 from freeanimate_jax.config import (
     DEMO_CONFIG,
+    DEMO_GENERATE_CONFIG,
+    MOTION_ADAPTER,
     TINY_MODEL,
     AnimateConfig,
     AnimateJob,
     ConfigError,
+    GenerateConfig,
+    GenerateJob,
     default_compilation_cache,
     load_job,
+    parse_weighted,
 )
+from freeanimate_jax.diffusion.ddim import SchedulerConfig
 from freeanimate_jax.pipelines.animate import AnimateSettings
+from freeanimate_jax.pipelines.generate import GenerateSettings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -159,13 +167,23 @@ def test_to_dict_is_plain():
 
 
 # -- the runbooks -------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["demo", "sd15_animate", "sd15_animate_long"])
+RUNBOOKS = {"demo": AnimateJob, "sd15_animate": AnimateJob, "sd15_animate_long": AnimateJob,
+            "demo_generate": GenerateJob, "animatediff_v2": GenerateJob,
+            "animatediff_v3": GenerateJob}
+
+
+def test_every_runbook_is_tested():
+    assert {p.stem for p in CONFIGS.glob("*.yaml")} == set(RUNBOOKS)
+
+
+@pytest.mark.parametrize("name", list(RUNBOOKS))
 def test_runbooks_parse_and_document_themselves(name):
-    path = CONFIGS / f"{name}.yaml"
+    path, schema = CONFIGS / f"{name}.yaml", RUNBOOKS[name]
     text = path.read_text()
     assert text.startswith("# "), "a runbook starts with its header comment"
-    assert "freeanimate animate" in text and "Expect" in text  # the command, what to expect
-    job = load_job(str(path), [])
+    command = f"freeanimate {schema.SECTION} --config configs/{name}.yaml"
+    assert command in text and "Expect" in text  # the command, what to expect
+    job = load_job(str(path), [], schema=schema)
     job.settings()
 
 
@@ -188,3 +206,81 @@ def test_sd15_runbooks():
     # Otherwise the same job: the long runbook is a few overrides of the short one.
     assert dataclasses.replace(long, frames=None, animate=job.animate) == job
     assert dataclasses.replace(long.animate, cache_mode="hidden") == job.animate
+
+
+# -- the generate job -----------------------------------------------------------------------------
+def test_generate_defaults_match_generate_settings():
+    job = load_job(None, [], schema=GenerateJob)
+    assert isinstance(job, GenerateJob) and job.settings() == GenerateSettings()
+    assert job.motion_module == MOTION_ADAPTER and job.controlnet == ""
+    assert job.lora == job.motion_lora == [] and job.scheduler_overrides() == {}
+    assert {f.name for f in dataclasses.fields(GenerateConfig)} == {
+        f.name for f in dataclasses.fields(GenerateSettings)}
+    # The shared keys: animate has them too, with no motion module by default.
+    animate = load_job(None, [])
+    assert animate.motion_module == "" and animate.lora == [] and animate.domain_adapter == ""
+
+
+def test_generate_overrides_and_hints():
+    job = load_job(None, ["generate.frames=24", "generate.context_length=16", "lora=a.st:0.5",
+                          "motion_lora=[m1.ckpt, m2.ckpt:0.3]", "scheduler.beta_schedule=linear",
+                          "scheduler.steps_offset=1"], schema=GenerateJob)
+    s = job.settings()
+    assert (s.frames, s.context_length) == (24, 16)
+    assert job.lora == ["a.st:0.5"] and job.motion_lora == ["m1.ckpt", "m2.ckpt:0.3"]
+    assert job.scheduler_overrides() == {"beta_schedule": "linear", "steps_offset": 1}
+    assert load_job(None, ["lora="], schema=GenerateJob).lora == []
+    with pytest.raises(ConfigError, match="did you mean 'generate.steps'"):
+        load_job(None, ["steps=3"], schema=GenerateJob)
+    with pytest.raises(ConfigError, match="unknown config key 'animate'"):
+        load_job(None, ["animate.steps=3"], schema=GenerateJob)
+
+
+@pytest.mark.parametrize("override, phrase", [
+    ("scheduler.beta_schedule=cosine", "scheduler: unsupported beta_schedule='cosine'"),
+    ("scheduler.steps_offset=x", "'scheduler.steps_offset' = 'x' has the wrong type"),
+    ("generate.frames=0", "generate: frames and steps must be at least 1"),
+    ("generate.vae_chunk=0", "generate.vae_chunk=0; expected at least 1"),
+    ("motion_module=builtin:tiny", "the tiny motion module fits only it"),
+    ("motion_module=", "motion_module='': generate needs one; expected an AnimateDiff motion"),
+    ("controlnet=builtin:tiny", "expected both or neither to be 'builtin:tiny'"),
+])
+def test_generate_bad_values(override, phrase):
+    assert phrase in error_of(None, [override], schema=GenerateJob)
+
+
+def test_motion_lora_needs_a_motion_module():
+    assert "motion_lora without a motion_module" in error_of(None, ["motion_lora=m.ckpt"])
+
+
+@pytest.mark.parametrize("spec, parsed", [
+    ("a.safetensors", ("a.safetensors", 1.0)), ("a.safetensors:0.8", ("a.safetensors", 0.8)),
+    ("C:\\loras\\a.ckpt", ("C:\\loras\\a.ckpt", 1.0)), ("dir/a:b.ckpt:2", ("dir/a:b.ckpt", 2.0)),
+])
+def test_parse_weighted(spec, parsed):
+    assert parse_weighted(spec) == parsed
+
+
+def test_demo_generate_yaml_matches_the_builtin_config():
+    job = load_job(None, [], base=DEMO_GENERATE_CONFIG, schema=GenerateJob)
+    assert load_job(str(CONFIGS / "demo_generate.yaml"), [], schema=GenerateJob) == job
+    assert job.model == job.motion_module == TINY_MODEL and job.size_hw == (64, 64)
+    assert job.settings().frames == 16 and job.dtype == "float32"
+
+
+def test_animatediff_runbooks_use_the_originals_sampling():
+    v2 = load_job(str(CONFIGS / "animatediff_v2.yaml"), [], schema=GenerateJob)
+    v3 = load_job(str(CONFIGS / "animatediff_v3.yaml"), [], schema=GenerateJob)
+    for job in (v2, v3):
+        s = job.settings()
+        assert (s.frames, s.steps, s.guidance_scale, job.size_hw) == (16, 25, 7.5, (512, 512))
+        sched = SchedulerConfig(**job.scheduler_overrides())
+        assert (sched.beta_start, sched.beta_end, sched.beta_schedule) == (0.00085, 0.012,
+                                                                           "linear")
+        assert sched.steps_offset == 1 and not sched.clip_sample
+    assert v2.motion_module == "guoyww/animatediff-motion-adapter-v1-5-2"
+    assert v3.motion_module == "guoyww/animatediff-motion-adapter-v1-5-3"
+    assert v2.domain_adapter == "" and parse_weighted(v3.domain_adapter) == (
+        "v3_sd15_adapter.ckpt", 1.0)
+    # Otherwise the same job.
+    assert dataclasses.replace(v3, motion_module=v2.motion_module, domain_adapter="") == v2

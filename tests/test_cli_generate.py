@@ -1,0 +1,309 @@
+"""`freeanimate generate` (and `animate --motion-module`): the demo end to end in a fresh
+process, the wiring in-process with stand-ins, and every bad input failing with one stderr line,
+exit status 2 and nothing written."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import save_file
+
+from freeanimate_jax import cli, cli_generate
+from freeanimate_jax.demo import tiny_models, tiny_motion_adapter
+from freeanimate_jax.io import read_video
+from freeanimate_jax.io.sheet import SEP
+from freeanimate_jax.models.motion import UNetMotionModel
+from freeanimate_jax.pipelines.generate import GenerateResult
+from freeanimate_jax.weights.export import export_motion_adapter, export_original
+from tests.test_cli import FakeAnimate, listing
+
+# The demo subprocess and the MP4 reader (ffmpeg) fork+exec new programs, which share no locks
+# with this process: JAX's warning about forking a multithreaded process does not apply.
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+# -- the demo, end to end, in a new process -----------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """`python -m freeanimate_jax generate --demo` once, on one CPU device as a plain run."""
+    root = tmp_path_factory.mktemp("generate")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XDG_CACHE_HOME": str(root / "xdg")}
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a plain run sees (conftest asks for 8)
+    out = root / "out" / "demo.mp4"
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "freeanimate_jax", "generate", "--demo", "--out", str(out),
+         f"compilation_cache={root / 'xla'}"],
+        env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"demo failed:\n{proc.stdout}\n{proc.stderr}"
+    return types.SimpleNamespace(proc=proc, out=out, wall=time.perf_counter() - start)
+
+
+def test_demo_end_to_end(demo_run):
+    assert "Traceback" not in demo_run.proc.stderr
+    frames, fps = read_video(demo_run.out)
+    assert frames.shape == (16, 64, 64, 3) and fps == pytest.approx(8.0)
+    assert sorted(p.name for p in demo_run.out.parent.iterdir()) == [
+        "demo.json", "demo.mp4", "demo.sheet.png"]  # and no temp files
+    with Image.open(demo_run.out.with_name("demo.sheet.png")) as sheet:
+        assert sheet.width == 64  # one column: the result (no poses)
+    record = json.loads(demo_run.out.with_name("demo.json").read_text())
+    assert record["config"]["model"] == record["config"]["motion_module"] == "builtin:tiny"
+    assert record["config"]["generate"]["frames"] == 16
+    assert record["outputs"] == {"video": "demo.mp4", "sheet": "demo.sheet.png",
+                                 "json": "demo.json", "frames": 16, "height": 64, "width": 64,
+                                 "fps": 8.0}
+    assert record["inputs"]["demo"] is True and record["runtime"]["mesh"] is None
+    assert {"load_models", "denoise", "decode", "total"} <= set(record["timings"])
+    assert "jax" in record["versions"] and "wrote" in demo_run.proc.stdout
+
+
+# -- in-process runs with stand-ins ---------------------------------------------------------------
+class FakeGenerate:
+    """Generate's interface with instant, checkable output."""
+
+    made: list["FakeGenerate"] = []
+
+    def __init__(self, models, settings, *, mesh=None, progress=None):
+        self.models, self.settings, self.mesh, self.progress = models, settings, mesh, progress
+        FakeGenerate.made.append(self)
+
+    def __call__(self, prompt, size_hw, poses=None):
+        self.seen = (prompt, size_hw, poses)
+        frames = np.random.default_rng(0).random((self.settings.frames, *size_hw, 3), np.float32)
+        return GenerateResult(frames, {"denoise": 0.02, "total": 0.03})
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    FakeGenerate.made = []
+    monkeypatch.setattr(cli_generate, "Generate", FakeGenerate)
+    monkeypatch.setattr(cli_generate, "load_models",
+                        lambda job, dtype: types.SimpleNamespace(job=job, unet=None))
+    return FakeGenerate
+
+
+@pytest.fixture
+def out(tmp_path):
+    (tmp_path / "out").mkdir()
+    return tmp_path
+
+
+def test_generate_wiring(fake, out, capsys):
+    rc, stdout, err = run(capsys, "generate", "--demo", "--prompt", "a cat", "--negative-prompt",
+                          "blurry", "--out", out / "out" / "v.npz", "generate.seed=4",
+                          "--lora", "a.safetensors:0.5", "--lora", "b.safetensors",
+                          "compilation_cache=")
+    assert (rc, err) == (0, "")
+    (pipe,) = fake.made
+    assert pipe.seen == ("a cat", (64, 64), None)
+    assert pipe.settings.negative_prompt == "blurry" and pipe.settings.seed == 4
+    assert pipe.settings.frames == 16 and pipe.mesh is not None  # 8 CPU devices (conftest)
+    assert pipe.models.job.lora == ["a.safetensors:0.5", "b.safetensors"]
+    frames, _ = read_video(out / "out" / "v.npz")
+    assert frames.shape == (16, 64, 64, 3)
+    record = json.loads((out / "out" / "v.json").read_text())
+    assert record["inputs"] == {"prompt": "a cat", "poses": None, "frames": 16, "demo": True}
+    assert record["timings"]["denoise"] == 0.02 and "wrote" in stdout
+
+
+def test_generate_with_controlnet_and_poses(fake, out, capsys):
+    rc, _, err = run(capsys, "generate", "--demo", "--controlnet", "builtin:tiny", "--quiet",
+                     "--out", out / "out" / "v.gif", "generate.frames=8", "compilation_cache=")
+    assert (rc, err) == (0, "")
+    poses = fake.made[-1].seen[2]
+    assert poses.shape == (8, 64, 64, 3) and poses.dtype == np.uint8  # the demo's poses
+    with Image.open(out / "out" / "v.sheet.png") as sheet:
+        assert sheet.width == 2 * 64 + SEP  # pose | result
+
+
+def test_animate_with_a_motion_module(monkeypatch, out, capsys):
+    # The real model assembly (tiny models, an exported adapter folder), a stand-in pipeline.
+    FakeAnimate.made, FakeAnimate.nan = [], False
+    monkeypatch.setattr(cli, "FreeAnimate", FakeAnimate)
+    folder = export_motion_adapter(tiny_motion_adapter(), out / "adapter")
+    rc, _, err = run(capsys, "animate", "--demo", "--motion-module", folder, "--quiet",
+                     "--out", out / "out" / "v.npz", "compilation_cache=")
+    assert (rc, err) == (0, "")
+    (pipe,) = FakeAnimate.made
+    assert isinstance(pipe.models.unet, UNetMotionModel) and pipe.models.unet.has_motion
+    assert len(pipe.seen[1]) == 16
+    record = json.loads((out / "out" / "v.json").read_text())
+    assert record["config"]["motion_module"] == str(folder)
+
+
+def test_single_file_model_with_a_motion_module_file(monkeypatch, out, capsys):
+    # --model FILE goes through single_file (stood in here: it needs diffusers and SD configs);
+    # the motion module is a released-layout file, loaded for real.
+    from freeanimate_jax.weights import single_file
+
+    seen = []
+
+    def fake_single_file(path, *, dtype):
+        seen.append(path)
+        models = tiny_models(0, dtype=dtype)
+        models.controlnet = None
+        return models
+
+    monkeypatch.setattr(single_file, "load_single_file", fake_single_file)
+    FakeGenerate.made = []
+    monkeypatch.setattr(cli_generate, "Generate", FakeGenerate)
+    (out / "model.safetensors").touch()
+    module = export_original(tiny_motion_adapter(), out / "mm.safetensors")
+    rc, _, err = run(capsys, "generate", "--prompt", "p", "--model", out / "model.safetensors",
+                     "--motion-module", module, "--quiet", "--out", out / "out" / "v.mp4",
+                     "size=64", "generate.frames=8", "scheduler.beta_schedule=linear",
+                     "compilation_cache=")
+    assert (rc, err) == (0, "")
+    assert seen == [str(out / "model.safetensors")]
+    (pipe,) = FakeGenerate.made
+    assert isinstance(pipe.models.unet, UNetMotionModel)
+    assert pipe.models.scheduler.beta_schedule == "linear"  # the override, over the model's
+
+
+# -- bad input: exit 2, one stderr line, nothing written ----------------------------------------
+def _lora_file(keys: list[str]):
+    """A LoRA shaped for SD 1.5's 320 channels: the tiny models have 32."""
+    def make(root: Path) -> Path:
+        state = {}
+        for stem in keys:
+            state[stem.format(part="down")] = np.zeros((4, 320), np.float32)
+            state[stem.format(part="up")] = np.zeros((320, 4), np.float32)
+        save_file(state, str(root / "lora.safetensors"))
+        return root / "lora.safetensors"
+    return make
+
+
+SD_LORA = _lora_file(["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+                      ".lora_{part}.weight"])
+MOTION_LORA = _lora_file(["down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks"
+                          ".0.attention_blocks.0.processor.to_q_lora.{part}.weight"])
+SPATIAL_LORA = _lora_file(["down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"
+                           ".to_q_lora.{part}.weight"])
+
+
+def _txt(root: Path) -> Path:
+    (root / "mm.txt").write_text("not weights")
+    return root / "mm.txt"
+
+
+def _no_config(root: Path) -> Path:
+    (root / "adapter").mkdir()
+    return root / "adapter"
+
+
+def _under_a_file(root: Path) -> Path:
+    (root / "afile").write_text("x")
+    return root / "afile" / "v.mp4"
+
+
+DEMO = ("--demo", "generate.steps=1")
+BAD_INPUTS = {
+    # name: (argv after `generate`, made from the test folder; phrase in the error)
+    "motion module .txt": (lambda r: ["--prompt", "p", "--motion-module", _txt(r)],
+                           "motion_module: "),
+    "motion module folder without config": (
+        lambda r: ["--prompt", "p", "--motion-module", _no_config(r)], "no config.json"),
+    "too many frames": (lambda r: [*DEMO, "generate.frames=40"],
+                        "exceed the motion module's position table (32)"),
+    "window over the table": (
+        lambda r: [*DEMO, "generate.frames=48", "generate.context_length=40"],
+        "generate.context_length: 40 frames exceed"),
+    "frames over the devices": (lambda r: [*DEMO, "generate.frames=12"],
+                                "12 frames do not divide over 8 devices"),
+    "sd lora for another base": (lambda r: [*DEMO, "--lora", SD_LORA(r)],
+                                 "LoRA does not fit these models"),
+    "motion lora for another base": (lambda r: [*DEMO, "--motion-lora", MOTION_LORA(r)],
+                                     "LoRA for the wrong base"),
+    "domain adapter for another base": (lambda r: [*DEMO, "--domain-adapter", SPATIAL_LORA(r)],
+                                        "lora.safetensors: LoRA for the wrong base"),
+    "missing lora": (lambda r: [*DEMO, "--motion-lora", r / "nope.ckpt:0.5"],
+                     "motion_lora: "),
+    "unknown config key": (lambda r: [*DEMO, "generate.stepz=3"],
+                           "unknown config key 'generate.stepz'"),
+    "top-level frames": (lambda r: [*DEMO, "frames=3"], "did you mean 'generate.frames'"),
+    "size not multiple of 8": (lambda r: [*DEMO, "size=100"], "not a multiple of 8"),
+    "bad scheduler": (lambda r: [*DEMO, "scheduler.beta_schedule=cosine"],
+                      "scheduler: unsupported beta_schedule='cosine'"),
+    "tiny module, real model": (lambda r: ["--prompt", "p", "--motion-module", "builtin:tiny"],
+                                "the tiny motion module fits only it"),
+    "no prompt": (lambda r: [], "no prompt; expected --prompt TEXT"),
+    "poses without controlnet": (lambda r: [*DEMO, "--poses", r], "go together"),
+    "output under a file": (lambda r: [*DEMO, "--out", _under_a_file(r)],
+                            "cannot create the output folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input(case, out, capsys):
+    make, phrase = BAD_INPUTS[case]
+    argv = ["generate", "--out", out / "out" / "v.mp4", "compilation_cache=", *make(out)]
+    before = listing(out)
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("freeanimate: error: ") and phrase in err, err
+    assert "; expected " in err, err
+    assert listing(out) == before
+
+
+def test_trace_time_position_error_is_a_user_error(out, capsys, monkeypatch):
+    # Without the early check the UNet itself refuses while tracing: still one line, no files.
+    monkeypatch.setattr(cli_generate, "check_motion_window", lambda *a, **k: None)
+    rc, _, err = run(capsys, "generate", *DEMO, "generate.frames=40", "--quiet",
+                     "--out", out / "out" / "v.mp4", "compilation_cache=")
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "40 frames exceed the motion module's position table (32)" in err
+    assert "; expected settings these models support (nothing written)" in err
+    assert listing(out / "out") == []
+
+
+def test_animate_motion_frames_must_divide_the_devices(out, capsys):
+    rc, _, err = run(capsys, "animate", "--demo", "--frames", 12, "--motion-module",
+                     "builtin:tiny", "--out", out / "out" / "v.mp4", "compilation_cache=")
+    assert rc == 2 and "the poses: 12 frames do not divide over 8 devices" in err
+    assert listing(out / "out") == []
+
+
+def test_unwritable_output_folder(out, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(cli.tempfile, "mkstemp", refuse)  # works as root too
+    rc, _, err = run(capsys, "generate", *DEMO, "--out", out / "out" / "new" / "v.mp4",
+                     "compilation_cache=")
+    assert rc == 2 and "output folder is not writable (PermissionError)" in err
+    assert len(err.splitlines()) == 1 and listing(out / "out") == []
+
+
+def test_nan_result_writes_nothing(fake, out, capsys, monkeypatch):
+    def nan_frames(self, prompt, size_hw, poses=None):
+        return GenerateResult(np.full((self.settings.frames, *size_hw, 3), np.nan), {})
+
+    monkeypatch.setattr(FakeGenerate, "__call__", nan_frames)
+    rc, _, err = run(capsys, "generate", *DEMO, "--out", out / "out" / "v.mp4", "--quiet",
+                     "compilation_cache=")
+    assert rc == 2 and "NaN/inf values (16 of 16 frames; nothing written)" in err
+    assert listing(out / "out") == []
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--motion-module" in text and "generate.KEY" in text and "scheduler.KEY" in text
+
