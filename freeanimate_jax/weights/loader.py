@@ -89,7 +89,10 @@ def read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
     return state
 
 
-def read_torch_pickle(file: Path) -> dict[str, np.ndarray]:
+def read_torch_pickle(file: Path, *, as_numpy: bool = True) -> dict:
+    """The tensors of a pickled state dict, through `torch.load(weights_only=True)`: a pickle
+    that would run code is refused. Released checkpoints (Lightning, AnimateDiff) nest their
+    weights under `state_dict`; non-tensor entries (configs, epoch counters) are dropped."""
     import torch
 
     try:
@@ -97,8 +100,15 @@ def read_torch_pickle(file: Path) -> dict[str, np.ndarray]:
     except Exception as e:
         raise WeightsError(f"{file}: refused or unreadable pickle (only plain tensors load: "
                            f"torch.load(weights_only=True)): {str(e).splitlines()[0]}") from e
-    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
-            for k, v in obj.items() if hasattr(v, "numpy")}
+    while isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{file}: holds a {type(obj).__name__}, not a state dict")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not as_numpy:
+        return tensors
+    return {k: (v.float() if v.dtype == torch.bfloat16 else v).detach().numpy()
+            for k, v in tensors.items()}
 
 
 def read_weights(folder: Path) -> dict[str, np.ndarray]:

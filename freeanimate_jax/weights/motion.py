@@ -84,25 +84,6 @@ def _to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def _read_pickle(file: Path) -> dict[str, np.ndarray]:
-    # As `loader.read_torch_pickle` (weights_only=True: a pickle that would run code is refused),
-    # but released checkpoints nest their tensors under `state_dict`, which that reader (one flat
-    # dict, as in model folders) would drop.
-    import torch
-
-    try:
-        obj = torch.load(str(file), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"{file}: refused or unreadable pickle (only plain tensors load: "
-                           f"torch.load(weights_only=True)): {str(e).splitlines()[0]}") from e
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise WeightsError(f"{file}: holds a {type(obj).__name__}, not a state dict")
-    # Non-tensor entries (AnimateDiff's `animatediff_config`, epoch counters) are metadata.
-    return {k: _to_numpy(v) for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
 def read_state_file(path: str | Path) -> dict[str, np.ndarray]:
     """The tensors of one `.ckpt`/`.pt`/`.pth`/`.safetensors` file, unwrapped from a
     `state_dict` entry and stripped of a `module.` (DataParallel) prefix."""
@@ -114,7 +95,7 @@ def read_state_file(path: str | Path) -> dict[str, np.ndarray]:
         raise WeightsError(f"{path}: unknown weights format {suffix!r} (expected one of "
                            f"{', '.join(FILE_SUFFIXES)}, or a diffusers model folder)")
     state = (loader.read_safetensors([path]) if suffix == ".safetensors"
-             else _read_pickle(path))
+             else loader.read_torch_pickle(path))
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from freeanimate_jax.weights.convert import WeightsError
-from freeanimate_jax.weights.loader import resolve_folder
+from freeanimate_jax.weights.loader import read_torch_pickle, resolve_folder
 from freeanimate_jax.weights.pipeline import (
     MODEL_COMPONENTS,
     SDPipelineModels,
@@ -86,21 +86,6 @@ def _read_safetensors_keys(path: Path) -> list[str]:
             return list(f.keys())
     except Exception as e:
         raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(e)})") from e
-
-
-def _read_pickle(path: Path) -> dict:
-    import torch
-
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"{path}: refused or unreadable pickle (only plain tensors load: "
-                           f"torch.load(weights_only=True)): {_first_line(e)}") from e
-    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]  # Lightning checkpoints nest the weights
-    if not isinstance(obj, dict):
-        raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
 def check_sd1_keys(keys: Iterable[str], path: Path) -> None:
@@ -211,7 +196,7 @@ def _build_entry(path: Path, config_root: Path, entry: Path) -> None:
             # never unpickles the file itself.
             from safetensors.torch import save_file
 
-            state = _read_pickle(path)
+            state = read_torch_pickle(path, as_numpy=False)
             check_sd1_keys(state, path)
             prefixes = tuple(SD1_PREFIXES.values())
             # clone: tensors of a pickle may share storage, which safetensors refuses
