@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -75,7 +76,7 @@ def frame_noise(seed: int, n_frames: int, shape: tuple[int, ...], dtype=jnp.floa
 
 def _stream_id(name: str) -> int:
     # A stable small integer per named random stream (Python's hash() is salted per process).
-    return int.from_bytes(name.encode()[:4].ljust(4, b"\0"), "little") & 0x7FFFFFFF
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
 class Progress:
