@@ -288,7 +288,8 @@ def fit_animate(topology: str, frames: int, size: int, settings, *, tiny: bool =
         "fits": ok,
         "verdict": (f"fits: every stage within {hbm / GiB:.2f} GiB per chip (largest: "
                     f"{worst.name}, {worst.peak / GiB:.2f} GiB)") if ok else
-                   (f"does not fit: {worst.name}: {worst.error}" if worst.error else
+                   (f"does not fit: {worst.name}: {worst.error.removeprefix('does not fit: ')}"
+                    if worst.error else
                     f"does not fit: {worst.name} needs {worst.peak / GiB:.2f} GiB per chip, "
                     f"{(worst.peak - hbm) / GiB:.2f} GiB over {hbm / GiB:.2f} GiB"),
     }
