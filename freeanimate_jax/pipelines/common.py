@@ -52,7 +52,7 @@ def vae_to_images(x: Array) -> Array:
 def encode_latents(vae, images: Array, chunk: int | None = None) -> Array:
     """Images in [-1, 1] -> scaled latent means (the deterministic encoding diffusers uses for
     inversion)."""
-    mean, _ = vae.encode(images, chunk=chunk) if chunk else vae.encode(images)
+    mean, _ = vae.encode(images, chunk=chunk)
     shift = getattr(vae, "shift_factor", None) or 0.0
     return (mean - shift) * vae.scaling_factor
 
@@ -60,7 +60,7 @@ def encode_latents(vae, images: Array, chunk: int | None = None) -> Array:
 def decode_latents(vae, z: Array, chunk: int | None = None) -> Array:
     shift = getattr(vae, "shift_factor", None) or 0.0
     z = z / vae.scaling_factor + shift
-    return vae.decode(z, chunk=chunk) if chunk else vae.decode(z)
+    return vae.decode(z, chunk=chunk)
 
 
 def frame_noise(seed: int, n_frames: int, shape: tuple[int, ...], dtype=jnp.float32,
