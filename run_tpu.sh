@@ -11,6 +11,7 @@
 #
 # DRY_RUN=1 prints the gcloud commands instead of running them. Check that a job fits first:
 #   freeanimate fit animate --topology v5e-8 --frames 16 --size 512
+#   freeanimate fit generate --topology v5e-8 --frames 16 --size 512   # AnimateDiff, v3 layout
 set -euo pipefail
 
 TPU_NAME=${TPU_NAME:-freeanimate}

@@ -11,6 +11,7 @@ import json
 import pytest
 
 from freeanimate_jax.fit import GiB, main, parse_settings
+from freeanimate_jax.pipelines.animate import AnimateSettings
 
 pytest.importorskip("libtpu")
 
@@ -53,11 +54,11 @@ def test_bad_arguments_exit_2(argv, capsys):
 
 
 def test_settings_parse_by_field_type():
-    s = parse_settings(["cache_mode=recompute", "steps=10", "iba_until=0.5",
+    s = parse_settings(AnimateSettings, ["cache_mode=recompute", "steps=10", "iba_until=0.5",
                         "iba_layers=up_blocks.2.*.attn1, up_blocks.3.*.attn1", "clip_skip=none"])
     assert s.cache_mode == "recompute" and s.steps == 10 and s.iba_until == 0.5
     assert s.iba_layers == ("up_blocks.2.*.attn1", "up_blocks.3.*.attn1") and s.clip_skip is None
-    assert parse_settings(["clip_skip=2"]).clip_skip == 2
+    assert parse_settings(AnimateSettings, ["clip_skip=2"]).clip_skip == 2
 
 
 def test_over_budget_exits_1(capsys):
@@ -78,3 +79,57 @@ def test_compiler_hbm_overflow_exits_1(capsys):
     assert rc == 1 and not report["fits"] and not st["fits"]
     assert st["error"].startswith("does not fit: ") and "HBM" in st["error"]
     assert report["verdict"].startswith("does not fit: preview inversion")
+
+
+def _generate(argv: list[str], capsys) -> tuple[int, dict]:
+    rc = main(["generate", "--tiny", "--json", *argv])
+    return rc, json.loads(capsys.readouterr().out)
+
+
+def test_tiny_generate_fits_on_v5e_4(capsys):
+    rc, report = _generate(["--topology", "v5e-4", "--frames", "8", "--size", "64"], capsys)
+    assert rc == 0 and report["fits"] and report["pipeline"] == "generate"
+    assert [st["name"] for st in report["stages"]] == ["text encoder", "denoise", "VAE decode"]
+    for st in report["stages"]:
+        assert st["error"] is None and st["fits"] and st["args"] > 0 and st["outputs"] > 0, st
+        assert st["total"] <= st["peak"] < report["hbm_bytes"]
+    assert report["motion"] == "v3" and report["windows"] == 1
+    assert 0 < report["motion_params"] < report["unet_params"]
+    # The denoise scan holds the UNet (bf16, replicated) and this chip's 2 of 8 latents.
+    denoise = report["stages"][1]
+    assert denoise["args"] >= 2 * report["unet_params"]
+
+
+def test_generate_layouts_and_controlnet_change_the_program(capsys):
+    common = ["--topology", "v5e-4", "--frames", "4", "--size", "64", "--stages", "denoise"]
+    _, v3 = _generate(common, capsys)
+    _, v2 = _generate([*common, "--motion", "v2", "--controlnet"], capsys)
+    assert v2["motion_params"] > v3["motion_params"]  # v2's mid-block module
+    assert v2["stages"][0]["args"] > v3["stages"][0]["args"]  # + the ControlNet's weights
+    assert "openpose ControlNet" in main_text(common + ["--motion", "v2", "--controlnet"],
+                                              capsys)
+
+
+def main_text(argv: list[str], capsys) -> str:
+    assert main(["generate", "--tiny", *argv]) == 0
+    return capsys.readouterr().out
+
+
+def test_long_generate_with_context_windows_fits(capsys):
+    # 40 frames exceed the 32-position table: windows of 16 make it run, frames still sharded.
+    rc, report = _generate(["--topology", "v5e-8", "--frames", "40", "--size", "64",
+                            "--stages", "denoise", "context_length=16"], capsys)
+    assert rc == 0 and report["fits"] and report["windows"] == 7
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--tiny", "--motion", "v9"],
+    ["generate", "--tiny", "--topology", "v5e-4", "--frames", "6"],  # 6 frames over 4 chips
+    ["generate", "--tiny", "--topology", "v5e-4", "--frames", "40"],  # > 32 positions
+    ["generate", "--tiny", "frames=4"],
+    ["generate", "--tiny", "--stages", "preview"],
+    ["animate", "--tiny", "--motion", "v2"]])
+def test_bad_generate_arguments_exit_2(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("freeanimate fit: "), err

@@ -45,3 +45,17 @@ SD15_SCHEDULER = {
     "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
     "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon",
 }
+
+
+def _motion_adapter(positions: int, mid_block: bool) -> dict:
+    return {"_class_name": "MotionAdapter", "block_out_channels": [320, 640, 1280, 1280],
+            "motion_layers_per_block": 2, "motion_mid_block_layers_per_block": 1,
+            "motion_num_attention_heads": 8, "motion_norm_num_groups": 32,
+            "motion_max_seq_length": positions, "use_motion_mid_block": mid_block,
+            "conv_in_channels": None}
+
+
+# The released AnimateDiff SD1.5 modules: v1 has a 24-position table, v2 adds a mid-block
+# module, v3 drops it again (guoyww/animatediff-motion-adapter-v1-5{,-2,-3}).
+SD15_MOTION_ADAPTERS = {"v1": _motion_adapter(24, False), "v2": _motion_adapter(32, True),
+                        "v3": _motion_adapter(32, False)}

@@ -186,13 +186,14 @@ class _ShapeOnlyRngs:
 
 
 def build(config: Mapping, *, param_dtype=jnp.float32, abstract: bool = False,
-          seed: int = 0) -> nnx.Module:
-    """The model a config describes: random weights, or abstract (shapes only)."""
+          seed: int = 0, **switches) -> nnx.Module:
+    """The model a config describes: random weights, or abstract (shapes only). `switches` go
+    to `from_config` (the motion adapter's settings that its config has no key for)."""
     cls = model_class(config)
 
     def make():
         rngs = _ShapeOnlyRngs(seed) if abstract else nnx.Rngs(seed)
-        return cls.from_config(config, rngs=rngs, param_dtype=param_dtype)
+        return cls.from_config(config, rngs=rngs, param_dtype=param_dtype, **switches)
 
     model = nnx.eval_shape(make) if abstract else make()
     model.config = FrozenConfig(config)

@@ -1,0 +1,237 @@
+"""What every fit check shares: topologies, the stage-by-stage ahead-of-time compile, the
+per-chip accounting and the report.
+
+A stage is lowered with the shapes and shardings its pipeline gives it onto an abstract TPU
+topology (libtpu's compile-only client, so this runs on any host), compiled, and the
+compiler's per-chip memory analysis is read back. A program over HBM fails inside the
+compiler: that is reported as "does not fit", never guessed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import types
+import typing
+
+TOPOLOGIES = {  # friendly name -> (libtpu topology, its options, chip family)
+    "v5e-1": ("v5e:1x1", {}, "v5e"),
+    "v5e-4": ("v5e:2x2", {}, "v5e"),
+    "v5e-8": ("v5e:2x4", {}, "v5e"),
+    # v4/v5p names count TensorCores; JAX runs a chip's two cores as one device (megacore),
+    # without which libtpu describes every core as a device with half the chip's HBM.
+    "v4-8": ("v4:2x2x1", {"chip_config_name": "megacore"}, "v4"),
+    "v4-32": ("v4:2x2x4", {"chip_config_name": "megacore"}, "v4"),
+    "v5p-8": ("v5p:2x2x1", {"chip_config_name": "megacore"}, "v5p"),
+    "v6e-8": ("v6e:2x4", {}, "v6e"),
+}
+# family -> (HBM per chip, the part the TPU compiler lets one program use), GiB. The usable
+# figures are the compiler's own (its "exceeds available HBM (..G)" errors).
+HBM_GIB = {"v5e": (16, 15.75), "v4": (32, 30.75), "v5p": (95, 95.73), "v6e": (32, 31.24)}
+GiB = 2 ** 30
+
+
+class UsageError(Exception):
+    """Bad arguments: one line on stderr, exit 2."""
+
+
+@dataclasses.dataclass
+class StageFit:
+    name: str
+    args: int = 0
+    temps: int = 0
+    outputs: int = 0
+    alias: int = 0
+    code: int = 0
+    resident: int = 0  # other live buffers of the pipeline while this stage runs (see below)
+    compile_s: float = 0.0
+    error: str | None = None
+
+    @property
+    def total(self) -> int:
+        # Arguments, outputs and temporaries are separate allocations, except that an output
+        # aliased to (donated into) an argument reuses its buffer: counted once.
+        return self.args + self.temps + self.outputs - self.alias
+
+    @property
+    def peak(self) -> int:
+        return self.total + self.resident
+
+
+def parse_settings(cls, items: list[str]):
+    """`key=value` overrides of the settings dataclass `cls`, coerced by each field's type."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in hints:
+            raise UsageError(f"unknown setting {item!r}; expected key=value with key one of "
+                             f"{', '.join(hints)}")
+        try:
+            values[key] = _coerce(text, hints[key])
+        except ValueError as e:
+            raise UsageError(f"setting {key}={text!r}: {e}") from e
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def _coerce(text: str, hint):
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) and type(None) in args:  # e.g. clip_skip: int | None
+        if text.lower() in ("", "none", "null"):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        return tuple(p.strip() for p in text.split(",") if p.strip())
+    if hint is bool:
+        low = text.lower()
+        if low not in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            raise ValueError("expected true or false")
+        return low in ("true", "1", "yes", "on")
+    return hint(text)  # int, float, str
+
+
+class Fitter:
+    """One pipeline's stages on one topology. `live` holds, by name, every abstract buffer the
+    pipeline keeps alive (weights for the whole call, each stage's results until the call
+    returns); a stage's peak is its own compiled footprint plus the live buffers it does not
+    take as arguments."""
+
+    def __init__(self, topology: str, *, hbm_gib: float | None = None,
+                 only: set[str] | None = None, log=lambda msg: None):
+        from jax.experimental import topologies
+
+        from freeanimate_jax import parallel
+
+        name, options, family = TOPOLOGIES[topology]
+        self.topology, self.libtpu_topology, self.family = topology, name, family
+        self.mesh = parallel.make_mesh(
+            devices=topologies.get_topology_desc(name, "tpu", **options).devices)
+        self.hbm = int((hbm_gib if hbm_gib is not None else HBM_GIB[family][1]) * GiB)
+        self.only, self.log = only, log
+        self.live: dict = {"nothing": None}
+        self.fits: list[StageFit] = []
+
+    def place(self, tree, axis: int | None):
+        """Abstract arrays as a pipeline holds them: frames sharded on `axis`, or replicated
+        (weights, prompts, references)."""
+        import jax
+
+        from freeanimate_jax import parallel
+
+        rep = parallel.replicated(self.mesh)
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+            a.shape, a.dtype, sharding=rep if axis is None
+            else parallel.frame_sharding(self.mesh, len(a.shape), axis)), tree)
+
+    @staticmethod
+    def per_chip(tree) -> int:
+        import jax
+        import jax.numpy as jnp
+
+        return sum(math.prod(a.sharding.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize
+                   for a in jax.tree.leaves(tree))
+
+    def stage(self, label: str, fn, inputs: list[str],
+              outputs: list[tuple[str, int | None]]) -> None:
+        """Lower `fn` on the live buffers named `inputs`, record its outputs under their names
+        (sharded on the frame axis given, or replicated), and compile it unless `only`
+        leaves it out."""
+        import jax
+
+        from freeanimate_jax.models.attention import use_kernel
+
+        st = StageFit(label, resident=sum(self.per_chip(v) for k, v in self.live.items()
+                                          if k not in inputs))
+        self.log(f"{label}: lowering")
+        clock = time.perf_counter()
+        with use_kernel("tpu_flash"), jax.set_mesh(self.mesh):
+            lowered = fn.lower(*(self.live[k] for k in inputs))
+            out = lowered.out_info if len(outputs) > 1 else (lowered.out_info,)
+            for (key, axis), tree in zip(outputs, out, strict=True):
+                self.live[key] = self.place(tree, axis)
+            if self.only is not None and label not in self.only:
+                return
+            self.fits.append(st)
+            self.log(f"{label}: compiling (lowered in {time.perf_counter() - clock:.0f}s)")
+            try:
+                mem = lowered.compile().memory_analysis()
+            except Exception as e:  # the compiler's HBM check, or anything else it refuses
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                oom = "RESOURCE_EXHAUSTED" in first or "memory" in first.lower()
+                st.error = f"{'does not fit' if oom else 'compile error'}: {first}"
+            else:
+                st.args, st.temps = mem.argument_size_in_bytes, mem.temp_size_in_bytes
+                st.outputs, st.alias = mem.output_size_in_bytes, mem.alias_size_in_bytes
+                st.code = mem.generated_code_size_in_bytes
+        st.compile_s = time.perf_counter() - clock
+        self.log(f"{label}: {st.error or f'{st.peak / GiB:.2f} GiB'} ({st.compile_s:.0f}s)")
+
+    def text_encoder_stage(self, text_encoder, clip_skip: int | None, dtype) -> None:
+        """Prompt and negative prompt -> `ctx_c`, `ctx_u` (1, 77, D), as both pipelines do."""
+        import jax
+        import jax.numpy as jnp
+
+        from freeanimate_jax.pipelines.common import Pure
+
+        te = Pure.of(text_encoder)
+        self.live["text encoder"] = self.place(te.state, None)
+        self.live["ids"] = self.place(jax.ShapeDtypeStruct((2, 77), jnp.int32), None)
+        self.stage("text encoder", jax.jit(lambda p, ids: tuple(
+            te.bind(p)(ids, clip_skip=clip_skip).astype(dtype)[:, None])),
+            ["text encoder", "ids"], [("ctx_c", None), ("ctx_u", None)])
+
+    def vae_decode_stage(self, vae, latents: str, chunk: int | None) -> None:
+        import jax
+
+        from freeanimate_jax.pipelines.common import decode_latents, vae_to_images
+
+        self.stage("VAE decode", jax.jit(lambda p, z: vae_to_images(
+            decode_latents(vae.bind(p), z, chunk))), ["vae", latents], [("frames", 0)])
+
+    def report(self, **fields) -> dict:
+        ok = all(st.error is None and st.peak <= self.hbm for st in self.fits)
+        worst = max(self.fits, key=lambda st: (st.error is not None, st.peak))
+        hbm = self.hbm
+        return {
+            "topology": self.topology, "libtpu_topology": self.libtpu_topology,
+            "chips": self.mesh.size, "hbm_bytes": hbm,
+            "hbm_nominal_gib": HBM_GIB[self.family][0], "dtype": "bfloat16", **fields,
+            "stages": [dict(dataclasses.asdict(st), total=st.total, peak=st.peak,
+                            fits=st.error is None and st.peak <= hbm) for st in self.fits],
+            "fits": ok,
+            "verdict": (f"fits: every stage within {hbm / GiB:.2f} GiB per chip (largest: "
+                        f"{worst.name}, {worst.peak / GiB:.2f} GiB)") if ok else
+                       (f"does not fit: {worst.name}: "
+                        f"{worst.error.removeprefix('does not fit: ')}" if worst.error else
+                        f"does not fit: {worst.name} needs {worst.peak / GiB:.2f} GiB per "
+                        f"chip, {(worst.peak - hbm) / GiB:.2f} GiB over {hbm / GiB:.2f} GiB"),
+        }
+
+
+def format_table(r: dict, title: str, notes: list[str]) -> str:
+    """The report as text: `title`, the per-stage table, `notes`, the verdict."""
+    gib = lambda b: f"{b / GiB:9.3f}"  # noqa: E731
+    lines = [title,
+             "GiB per chip: total = args + temps + outputs - aliased; peak = total + the rest "
+             "of the pipeline still on the chip (other weights, earlier results)",
+             f"{'stage':<28}|{'args':>9} |{'temps':>9} |{'outputs':>9} |{'total':>9} |"
+             f"{'peak':>9} | fits | compile"]
+    for st in r["stages"]:
+        if st["error"]:
+            lines.append(f"{st['name']:<28}| {st['error']}")
+            continue
+        lines.append(f"{st['name']:<28}|{gib(st['args'])} |{gib(st['temps'])} |"
+                     f"{gib(st['outputs'])} |{gib(st['total'])} |{gib(st['peak'])} | "
+                     f"{'yes' if st['fits'] else 'NO':<4} | {st['compile_s']:.0f}s")
+    # Executables live in HBM too, outside the buffers above; jit keeps each stage's loaded.
+    lines.append(f"generated code: {gib(sum(st['code'] for st in r['stages'])).strip()} GiB "
+                 f"per chip over these stages")
+    return "\n".join([*lines, *notes, r["verdict"]])
+
+
+def chips_text(r: dict) -> str:
+    return f"{r['chips']} chip{'s' * (r['chips'] > 1)}"
