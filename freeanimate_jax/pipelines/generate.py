@@ -147,6 +147,8 @@ class Generate:
                     raise ValueError(f"{s.frames} frames do not divide over {self.mesh.size} "
                                      f"devices; use a multiple of {self.mesh.size}")
                 z = parallel.shard_frames(z, self.mesh)
+                if pose_in is not None:  # each device keeps only its frames' control images
+                    pose_in = parallel.shard_frames(pose_in, self.mesh)
             z0 = self.denoise(self.unet.state, self.cn.state if self.cn else None, z,
                               ctx[:1], ctx[1:], pose_in)
             z0 = jax.block_until_ready(z0)
