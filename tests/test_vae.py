@@ -115,10 +115,10 @@ def test_chunked_equals_unchunked():
     mean, logvar = model.encode(x)
     z = jax.random.normal(jax.random.key(0), mean.shape)
     full = model.decode(z)
-    m_c, l_c = model.encode(x, chunk=2)  # ragged: 2 + 2 + 1
+    m_c, l_c = model.encode(x, chunk=2)  # ragged: 3 strided chunks of 2, one padded sample
     assert_parity(m_c, mean, "chunk=2 mean")
     assert_parity(l_c, logvar, "chunk=2 logvar")
-    for chunk in (1, 2, 8):  # exact (5 x 1), ragged (2 + 2 + 1), larger than the batch
+    for chunk in (1, 2, 8):  # exact (5 x 1), ragged (3 x 2, padded), larger than the batch
         assert_parity(model.decode(z, chunk=chunk), full, f"chunk={chunk} decode")
     with pytest.raises(ValueError, match="chunk"):
         model.decode(z, chunk=0)
@@ -182,3 +182,25 @@ def test_deprecated_attention_names_load(pair, tmp_path):
 def test_unsupported_config_is_a_clear_error(change, match):
     with pytest.raises(ValueError, match=match):
         AutoencoderKL.from_config({**TINY, **change}, rngs=nnx.Rngs(0))
+
+
+def test_chunks_of_sharded_frames_stay_on_their_devices():
+    """16 frames over 8 devices in chunks of 8: each chunk takes one frame from every device,
+    so the compiled decode has no collective and its output stays sharded (contiguous chunks
+    gathered every chunk onto every device: 8x the work)."""
+    from freeanimate_jax import parallel
+
+    model = AutoencoderKL.from_config(SMALL, rngs=nnx.Rngs(0))
+    graph, state = nnx.split(model)
+    decode = jax.jit(lambda st, z: nnx.merge(graph, st).decode(z, chunk=8))
+    z = jax.random.normal(jax.random.key(0), (16, 8, 8, SMALL["latent_channels"]))
+    mesh = parallel.make_mesh()
+    assert mesh.size == 8
+    z_sharded = parallel.shard_frames(z, mesh)
+    with jax.set_mesh(mesh):
+        hlo = decode.lower(state, z_sharded).compile().as_text()
+        out = decode(state, z_sharded)
+    assert not [op for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce")
+                if op in hlo]
+    assert out.sharding.is_equivalent_to(parallel.frame_sharding(mesh, out.ndim), out.ndim)
+    assert_parity(out, model.decode(z), "sharded chunked decode")

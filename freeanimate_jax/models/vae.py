@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
 from freeanimate_jax.models.attention import Attention, name_attention_layers
@@ -198,7 +199,13 @@ class Decoder(nnx.Module):
 
 def _chunked(fn: Callable[[Array], Array], x: Array, chunk: int | None):
     """fn over x in chunks of `chunk` samples, sequentially, so only one chunk's activations
-    are live. A ragged tail is zero-padded (samples never interact) and sliced off."""
+    are live. A ragged tail is zero-padded (samples never interact) and sliced off.
+
+    Chunks are strided, not contiguous: chunk c holds samples c, c + n, c + 2n, ... (n chunks).
+    With the batch sharded over D devices in contiguous blocks and `chunk` a multiple of D,
+    every device then works on its own samples in every chunk; contiguous chunks would gather
+    each chunk from a fraction of the devices onto all of them.
+    """
     n = x.shape[0]
     if chunk is None or n <= chunk:
         return fn(x)
@@ -206,8 +213,8 @@ def _chunked(fn: Callable[[Array], Array], x: Array, chunk: int | None):
         raise ValueError(f"chunk must be a positive int, got {chunk}")
     pad = -n % chunk
     xs = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
-    out = jax.lax.map(fn, xs.reshape((-1, chunk) + x.shape[1:]))
-    return jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:])[:n], out)
+    out = jax.lax.map(fn, rearrange(xs, "(j c) ... -> c j ...", j=chunk))
+    return jax.tree.map(lambda y: rearrange(y, "c j ... -> (j c) ...")[:n], out)
 
 
 class AutoencoderKL(nnx.Module):
