@@ -113,3 +113,26 @@ def test_one_device_and_eight_devices_give_the_same_output(pair):
     assert "all-to-all" in lowered.compile().as_text()  # the frames -> tokens reshard
     assert_parity(sharded, single, "8-device motion unet", tol=1e-5)
     assert np.asarray(sharded).shape == (1, 8, 8, 8, 4)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
+def test_released_layouts_have_diffusers_parameter_counts(version):
+    # The full-size configs `fit generate` builds abstractly: every parameter diffusers'
+    # MotionAdapter has (built on the meta device, no memory).
+    from diffusers import MotionAdapter
+    from flax import nnx
+
+    from freeanimate_jax.models.known_configs import SD15_MOTION_ADAPTERS
+    from freeanimate_jax.weights.loader import build
+
+    config = SD15_MOTION_ADAPTERS[version]
+    with torch.device("meta"):
+        ref = MotionAdapter.from_config(config)
+    ours = build(config, abstract=True)
+    # Same names; the same shapes up to the (in, out) transpose of linear weights.
+    ref_shapes = {n: sorted(p.shape) for n, p in ref.named_parameters()}
+    our_shapes = {".".join(map(str, path)): sorted(v.shape)
+                  for path, v in nnx.to_flat_state(nnx.state(ours, nnx.Param))}
+    assert our_shapes == ref_shapes
+    positions = {tuple(b.shape) for n, b in ref.named_buffers() if n.endswith("pe")}
+    assert positions == {(1, 24 if version == "v1" else 32, c) for c in (320, 640, 1280)}
