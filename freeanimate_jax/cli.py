@@ -251,6 +251,11 @@ def start_runtime(job: Job, frames: int | None = None, what: str = "") -> tuple[
 
     from freeanimate_jax import parallel
 
+    if os.environ.get("FREEANIMATE_DISTRIBUTED") == "1":  # run_tpu.sh sets it on every host
+        try:
+            parallel.initialize_distributed()
+        except ValueError as e:
+            raise ConfigError(f"FREEANIMATE_DISTRIBUTED=1: {e}") from None
     mesh = parallel.make_mesh() if len(jax.devices()) > 1 else None
     if mesh is not None and frames is not None and frames % mesh.size:
         raise ConfigError(f"{what}: {frames} frames do not divide over {mesh.size} devices; "
@@ -306,7 +311,13 @@ def run_record(args: argparse.Namespace, job: Job, dtype: Any, mesh: Any, output
 
 def write_outputs(outputs: Outputs, frames: np.ndarray, sheet: np.ndarray,
                   record: dict[str, Any], fps: float, progress: ConsoleProgress) -> None:
-    """All three files or none."""
+    """All three files or none; in a multi-host job, from process 0 only (every process holds
+    the whole video)."""
+    import jax
+
+    if jax.process_index() != 0:
+        progress.say(f"process {jax.process_index()}: done; process 0 writes the outputs")
+        return
     try:
         vio.write_files_atomic([
             (outputs.video, lambda p: _quiet_fork(vio.write_video, p, frames, fps)),

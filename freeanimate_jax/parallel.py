@@ -72,21 +72,40 @@ def replicate(tree, mesh: Mesh):
     return jax.device_put(tree, replicated(mesh))
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole array as NumPy on this process, also when its shards live on other hosts'
+    devices (a multi-host job: every process calls this, and every process gets it all)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def initialize_distributed() -> None:
     """Join a multi-host job (Cloud TPU pod, or processes given coordinator env vars).
 
     On a TPU pod `jax.distributed.initialize()` discovers everything; elsewhere it needs
-    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (CPU processes then talk
+    through gloo). Call before anything touches a device.
     """
     if jax.distributed.is_initialized():
         return
     if "JAX_COORDINATOR_ADDRESS" in os.environ:
-        jax.distributed.initialize(
-            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]))
+        try:
+            num, pid = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+        except (KeyError, ValueError):
+            raise ValueError("JAX_COORDINATOR_ADDRESS is set: expected JAX_NUM_PROCESSES and "
+                             "JAX_PROCESS_ID as integers too") from None
+        # Cross-process collectives on CPU (tests, a laptop cluster); TPUs and GPUs ignore it.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                                   num_processes=num, process_id=pid)
     elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
         jax.distributed.initialize()
+    else:
+        raise ValueError("a multi-host run needs a TPU pod (TPU_WORKER_HOSTNAMES) or "
+                         "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID")
 
 
 # Logical axes that layers may name at block boundaries; how they map to the mesh lives here.

@@ -284,4 +284,4 @@ class FreeAnimate:
         z0 = lap("denoise", st["denoise"](*weights, z_t, pose_in, ctx_c, ctx_u, anchors, cache))
         frames = lap("decode", vae_to_images(decode_latents(m.vae, z0[:n], s.vae_chunk)))
         preview = vae_to_images(decode_latents(m.vae, z_pre[:n], s.vae_chunk))
-        return AnimateResult(np.asarray(frames), np.asarray(preview), timings)
+        return AnimateResult(parallel.to_host(frames), parallel.to_host(preview), timings)

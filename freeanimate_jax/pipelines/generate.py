@@ -155,4 +155,4 @@ class Generate:
         timings["denoise"] = time.perf_counter() - clock
         frames = vae_to_images(decode_latents(m.vae, z0, s.vae_chunk))
         timings["total"] = time.perf_counter() - clock
-        return GenerateResult(np.asarray(frames), timings)
+        return GenerateResult(parallel.to_host(frames), timings)
