@@ -72,6 +72,27 @@ def replicate(tree, mesh: Mesh):
     return jax.device_put(tree, replicated(mesh))
 
 
+def replicate_models(models, mesh: Mesh | None) -> None:
+    """Put each model's weights on every device of `mesh`, in place, once: jit would otherwise
+    copy them from the first device at every call, and that device would hold them twice.
+    Models with abstract weights (fit checks) and runs without a mesh are left as they are."""
+    from flax import nnx
+
+    if mesh is None:
+        return
+    target = replicated(mesh)
+    for model in models:
+        if model is None:
+            continue
+        state = nnx.state(model)
+        leaves = jax.tree.leaves(state)
+        if not all(isinstance(x, jax.Array) for x in leaves):
+            continue
+        if all(x.sharding.is_equivalent_to(target, x.ndim) for x in leaves):
+            continue
+        nnx.update(model, jax.device_put(state, target))
+
+
 def to_host(x: jax.Array) -> np.ndarray:
     """The whole array as NumPy on this process, also when its shards live on other hosts'
     devices (a multi-host job: every process calls this, and every process gets it all)."""

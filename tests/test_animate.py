@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from freeanimate_jax import parallel
 from freeanimate_jax.demo import TINY_SIZE, tiny_models
@@ -119,3 +120,19 @@ def test_named_noise_streams_are_independent_and_per_frame():
     # Frame i's noise does not depend on how many frames are drawn (1 vs 8 devices, padding).
     np.testing.assert_array_equal(np.asarray(frame_noise(0, 8, (2, 2, 4))[:4]),
                                   np.asarray(frame_noise(0, 4, (2, 2, 4))))
+
+
+def test_a_mesh_puts_every_weight_on_every_device_once():
+    # Placed at construction, in place: jit then finds the weights where it wants them instead
+    # of copying them from the first device at each stage (which would hold them twice).
+    fresh = tiny_models(seed=0)
+    mesh = parallel.make_mesh()
+    FreeAnimate(fresh, AnimateSettings(steps=2), mesh=mesh)
+    target = parallel.replicated(mesh)
+    parts = (fresh.unet, fresh.controlnet, fresh.vae, fresh.text_encoder)
+    leaves = [x for m in parts for x in jax.tree.leaves(nnx.state(m))]
+    assert leaves and all(len(x.devices()) == 8 for x in leaves)
+    assert all(x.sharding.is_equivalent_to(target, x.ndim) for x in leaves)
+    FreeAnimate(fresh, AnimateSettings(steps=2), mesh=mesh)  # already placed: left alone
+    again = [x for m in parts for x in jax.tree.leaves(nnx.state(m))]
+    assert all(a is b for a, b in zip(leaves, again, strict=True))

@@ -126,6 +126,8 @@ class FreeAnimate:
         if models.controlnet is None:
             raise ValueError("FreeAnimate needs a ControlNet (the pose branch)")
         self.models, self.s, self.mesh, self.progress = models, settings, mesh, progress
+        parallel.replicate_models(
+            (models.unet, models.controlnet, models.vae, models.text_encoder), mesh)
         self.unet, self.cn = Pure.of(models.unet), Pure.of(models.controlnet)
         self.dtype = jax.tree.leaves(self.unet.state)[0].dtype
         self.sched = Schedule.make(models.scheduler, settings.steps)

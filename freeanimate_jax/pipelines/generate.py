@@ -66,6 +66,8 @@ class Generate:
     def __init__(self, models, settings: GenerateSettings, *, mesh=None,
                  progress: Progress | None = None):
         self.models, self.s, self.mesh, self.progress = models, settings, mesh, progress
+        parallel.replicate_models(
+            (models.unet, models.controlnet, models.vae, models.text_encoder), mesh)
         self.unet = Pure.of(models.unet)
         self.cn = Pure.of(models.controlnet) if models.controlnet is not None else None
         self.dtype = jax.tree.leaves(self.unet.state)[0].dtype
