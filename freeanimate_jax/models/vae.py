@@ -202,9 +202,10 @@ def _chunked(fn: Callable[[Array], Array], x: Array, chunk: int | None):
     are live. A ragged tail is zero-padded (samples never interact) and sliced off.
 
     Chunks are strided, not contiguous: chunk c holds samples c, c + n, c + 2n, ... (n chunks).
-    With the batch sharded over D devices in contiguous blocks and `chunk` a multiple of D,
-    every device then works on its own samples in every chunk; contiguous chunks would gather
-    each chunk from a fraction of the devices onto all of them.
+    With the batch sharded over D devices in contiguous blocks, `chunk` a multiple of D and
+    the batch a multiple of `chunk` (no padding), every device then works on its own samples in
+    every chunk; contiguous chunks would gather each chunk from a fraction of the devices onto
+    all of them.
     """
     n = x.shape[0]
     if chunk is None or n <= chunk:
