@@ -90,7 +90,7 @@ def replicate_models(models, mesh: Mesh | None) -> None:
             continue
         if all(x.sharding.is_equivalent_to(target, x.ndim) for x in leaves):
             continue
-        nnx.update(model, jax.device_put(state, target))
+        nnx.update(model, replicate(state, mesh))
 
 
 def to_host(x: jax.Array) -> np.ndarray:

@@ -50,11 +50,8 @@ def fit_generate(topology: str, settings, size: int, *, motion: str = "v3",
 
     fit = Fitter(topology, hbm_gib=hbm_gib, only=only, log=log)
     s, dtype = settings, jnp.bfloat16
-    if s.frames % fit.mesh.size:  # Generate refuses padding: it would change temporal attention
-        raise ValueError(f"{s.frames} frames do not divide over {fit.mesh.size} chips; use a "
-                         f"multiple of {fit.mesh.size}")
     models = abstract_video_models(tiny, motion, controlnet, dtype)
-    gen = Generate(models, s, mesh=fit.mesh, progress=None)
+    gen = Generate(models, s, mesh=fit.mesh, progress=None)  # refuses frames it cannot shard
     # As `freeanimate generate` does: refuse before compiling, not minutes into a trace.
     check_motion_window(models.unet, gen.windows.index.shape[1], "generate",
                         "; give context_length=N (context windows) for longer videos")

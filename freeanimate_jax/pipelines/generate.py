@@ -65,6 +65,10 @@ class Generate:
 
     def __init__(self, models, settings: GenerateSettings, *, mesh=None,
                  progress: Progress | None = None):
+        # Padding frames would change what temporal attention sees: require a fit.
+        if mesh is not None and settings.frames % mesh.size:
+            raise ValueError(f"{settings.frames} frames do not divide over {mesh.size} "
+                             f"devices; use a multiple of {mesh.size}")
         self.models, self.s, self.mesh, self.progress = models, settings, mesh, progress
         parallel.replicate_models(
             (models.unet, models.controlnet, models.vae, models.text_encoder), mesh)
@@ -144,10 +148,6 @@ class Generate:
         mesh_ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
         with mesh_ctx:
             if self.mesh is not None:
-                # Padding frames would change what temporal attention sees: require a fit.
-                if s.frames % self.mesh.size:
-                    raise ValueError(f"{s.frames} frames do not divide over {self.mesh.size} "
-                                     f"devices; use a multiple of {self.mesh.size}")
                 z = parallel.shard_frames(z, self.mesh)
                 if pose_in is not None:  # each device keeps only its frames' control images
                     pose_in = parallel.shard_frames(pose_in, self.mesh)
