@@ -1,23 +1,53 @@
-"""Meshes, shardings and multi-host start-up: the only module that knows device counts.
+"""Meshes, sharding rules and multi-host start-up: the only module that knows device counts.
 
-Inference shards frames over the mesh axis `frames` (and independent videos over `data`);
-weights and the reference are replicated. A frame count the `frames` axis does not divide is
-padded up by repeating the last frame; the padded frames are computed and dropped (each frame's
-noise depends only on its own index, so padding never changes the real frames).
+Inference shards frames over the mesh axes (`data`, `frames`); weights and the reference are
+replicated. A frame count the mesh does not divide is padded up by repeating the last frame;
+the padded frames are computed and dropped (each frame's noise depends only on its own index,
+so padding never changes the real frames).
+
+Layers never look up a mesh. They name *logical* axes at block boundaries (a motion module
+names the axis of its temporal tokens) through the `Layout` they receive in their static
+runtime policy (`runtime(mesh)`); the `MeshLayout` here maps logical axes to mesh axes with a
+rules table and raises when a layer names an axis the table has no rule for, or a rule names a
+mesh axis the mesh lacks. A dimension the mapped mesh axes do not divide is replicated (a tiny
+UNet level, the single reference latent): that is the rule, stated once here.
+
+Every pipeline stage runs under `use(mesh)`, entered by the sampling core
+(`pipelines/core.py`), and `fit` lowers those same stages through the same entry.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from freeanimate_jax.models.attention import Runtime
+
 FRAMES, DATA = "frames", "data"
+
+# Logical axis -> mesh axes, for inference meshes (data, frames). `frames` is the leading
+# (batch x frames) axis of every UNet / ControlNet / VAE activation; `temporal_tokens` the
+# leading (batch x pixels) axis of a motion module's temporal attention.
+INFERENCE_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("frames", (DATA, FRAMES)),
+    ("temporal_tokens", (DATA, FRAMES)),
+)
+# A data-parallel mesh (training): whole videos per device, so frames stay together and the
+# motion modules' temporal tokens are sharded like the videos.
+DATA_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("frames", (DATA,)),
+    ("temporal_tokens", (DATA,)),
+)
 
 
 def make_mesh(frames: int | None = None, data: int = 1,
@@ -35,10 +65,89 @@ def make_mesh(frames: int | None = None, data: int = 1,
     return Mesh(grid, (DATA, FRAMES))
 
 
-def frames_spec(ndim: int, axis: int = 0) -> P:
-    """Shard `axis` (the frame axis) over both mesh axes; everything else replicated."""
-    spec = [None] * ndim
-    spec[axis] = (DATA, FRAMES)
+def use(mesh: Mesh | None) -> contextlib.AbstractContextManager:
+    """The one mesh context every pipeline stage (and every fit lowering of it) runs under."""
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshLayout:
+    """Logical axes -> mesh axes on one mesh (hashable: part of jit's cache key)."""
+
+    mesh: Mesh
+    rules: tuple[tuple[str, tuple[str, ...]], ...] = INFERENCE_RULES
+
+    def mesh_axes(self, logical: str) -> tuple[str, ...]:
+        table = dict(self.rules)
+        if logical not in table:
+            raise ValueError(f"no sharding rule for the logical axis {logical!r} on a mesh "
+                             f"with axes {self.mesh.axis_names}; rules cover "
+                             f"{', '.join(table) or 'nothing'}")
+        axes = table[logical]
+        missing = [a for a in axes if a not in self.mesh.axis_names]
+        if missing:
+            raise ValueError(f"the sharding rule {logical!r} -> {axes} names mesh axes "
+                             f"{missing} that the mesh {self.mesh.axis_names} lacks")
+        return axes
+
+    def spec(self, shape: Sequence[int], logical: Sequence[str | None]) -> P:
+        """PartitionSpec for an array of `shape` whose dims are named `logical` (None:
+        replicated); a dim its mesh axes do not divide is replicated."""
+        if len(logical) != len(shape):
+            raise ValueError(f"{len(logical)} logical axes {tuple(logical)} for a "
+                             f"{len(shape)}-d array")
+        out = []
+        for size, name in zip(shape, logical, strict=True):
+            axes = self.mesh_axes(name) if name is not None else ()
+            n = math.prod(self.mesh.shape[a] for a in axes)
+            out.append(axes if axes and size % n == 0 else None)
+        return P(*out)
+
+    def sharding(self, shape: Sequence[int], logical: Sequence[str | None]) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(shape, logical))
+
+    def constrain(self, x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, self.sharding(x.shape, logical))
+
+    def per_shard(self, fn: Callable[..., jax.Array], *args: jax.Array, axis: str) -> jax.Array:
+        """`fn` run on each device's slice of the leading axis (named `axis`) of every arg:
+        Mosaic (Pallas TPU) kernels are not partitioned automatically."""
+        spec = self.spec(args[0].shape[:1], (axis,))
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=(spec,) * len(args), out_specs=spec,
+                             check_vma=False)(*args)
+
+
+def kernel_for(platform: str) -> str:
+    """The attention kernel a platform runs: cuDNN on GPUs, Pallas flash on TPUs, else XLA."""
+    return {"gpu": "cudnn", "cuda": "cudnn", "tpu": "tpu_flash"}.get(platform, "xla")
+
+
+def runtime(mesh: Mesh | None, *, kernel: str | None = None,
+            rules: tuple[tuple[str, tuple[str, ...]], ...] = INFERENCE_RULES) -> Runtime:
+    """The static runtime policy for models run on `mesh` (None: one device): the attention
+    kernel of the mesh's platform (so an ahead-of-time compile for a TPU topology on a CPU host
+    picks the TPU kernel, as the run on the TPU does) and the mesh's layout."""
+    if kernel is None:
+        platform = mesh.devices.flat[0].platform if mesh is not None else \
+            jax.default_backend()
+        kernel = kernel_for(platform)
+    return Runtime(kernel=kernel, layout=MeshLayout(mesh, rules) if mesh is not None else None)
+
+
+def check_frames(n: int, mesh: Mesh | None, what: str) -> None:
+    """A video that must divide over the mesh (a motion module sees every frame, so padding
+    would change it): ValueError naming `what` otherwise."""
+    if mesh is not None and n % mesh.size:
+        raise ValueError(f"{what}: {n} frames do not divide over {mesh.size} devices; expected "
+                         f"a multiple of {mesh.size} (a motion module sees the whole video, so "
+                         f"frames cannot be padded)")
+
+
+def frames_spec(ndim: int, axis: int = 0,
+                rules: tuple[tuple[str, tuple[str, ...]], ...] = INFERENCE_RULES) -> P:
+    """Shard `axis` (the frame axis) as the logical axis `frames`; everything else replicated."""
+    spec: list[Any] = [None] * ndim
+    spec[axis] = dict(rules)["frames"]
     return P(*spec)
 
 
@@ -50,8 +159,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def padded_frames(n: int, mesh: Mesh) -> int:
+def padded_frames(n: int, mesh: Mesh | None) -> int:
     """The frame count the mesh computes for `n` real frames (a multiple of its size)."""
+    if mesh is None:
+        return n
     return math.ceil(n / mesh.size) * mesh.size
 
 
@@ -64,7 +175,10 @@ def pad_frames(x: np.ndarray, n_padded: int, axis: int = 0) -> np.ndarray:
     return np.concatenate([x, np.repeat(last, n_padded - n, axis=axis)], axis=axis)
 
 
-def shard_frames(tree, mesh: Mesh, axis: int = 0):
+def shard_frames(tree, mesh: Mesh | None, axis: int = 0):
+    """Frames of every leaf sharded over the mesh on `axis` (unchanged without a mesh)."""
+    if mesh is None:
+        return tree
     return jax.tree.map(lambda a: jax.device_put(a, frame_sharding(mesh, np.ndim(a), axis)), tree)
 
 
@@ -91,6 +205,48 @@ def replicate_models(models, mesh: Mesh | None) -> None:
         if all(x.sharding.is_equivalent_to(target, x.ndim) for x in leaves):
             continue
         nnx.update(model, replicate(state, mesh))
+
+
+# -- parameters ------------------------------------------------------------------------------
+# (regex on the dotted parameter path, strategy): the first match wins; no match replicates.
+# "replicate" keeps a full copy on every device; "fsdp" shards the largest dimension that the
+# `data` axis divides over `data` (replicated when none does), as big_vision's `fsdp` does.
+PARAM_STRATEGIES = ("replicate", "fsdp")
+REPLICATED_PARAMS: tuple[tuple[str, str], ...] = ((".*", "replicate"),)
+
+
+def param_spec(path: str, shape: Sequence[int], mesh: Mesh,
+               rules: Sequence[tuple[str, str]] = REPLICATED_PARAMS) -> P:
+    """The PartitionSpec of one parameter by the first rule whose regex matches its path."""
+    for pattern, strategy in rules:
+        if strategy not in PARAM_STRATEGIES:
+            raise ValueError(f"parameter rule ({pattern!r}, {strategy!r}): unknown strategy; "
+                             f"expected one of {', '.join(PARAM_STRATEGIES)}")
+        if not re.fullmatch(pattern, path):
+            continue
+        if strategy == "replicate":
+            return P()
+        if DATA not in mesh.axis_names:
+            raise ValueError(f"parameter rule ({pattern!r}, 'fsdp') needs a {DATA!r} mesh "
+                             f"axis; the mesh has {mesh.axis_names}")
+        n = mesh.shape[DATA]
+        dims = sorted(range(len(shape)), key=lambda d: (-shape[d], d))
+        for d in dims:
+            if shape[d] % n == 0 and shape[d] >= n:
+                spec: list[Any] = [None] * len(shape)
+                spec[d] = DATA
+                return P(*spec)
+        return P()
+    return P()
+
+
+def param_shardings(state, mesh: Mesh, rules: Sequence[tuple[str, str]] = REPLICATED_PARAMS):
+    """NamedShardings for every leaf of an nnx State (or any pytree of arrays), by path."""
+    def one(path, leaf):
+        name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        return NamedSharding(mesh, param_spec(name, np.shape(leaf), mesh, rules))
+
+    return jax.tree_util.tree_map_with_path(one, state)
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -129,21 +285,3 @@ def initialize_distributed() -> None:
                          "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID")
 
 
-# Logical axes that layers may name at block boundaries; how they map to the mesh lives here.
-LOGICAL_RULES = {"frames": (DATA, FRAMES), "temporal_tokens": (DATA, FRAMES)}
-
-
-def constrain(x: jax.Array, logical: str) -> jax.Array:
-    """Shard the leading axis of `x` as the logical axis `logical` under the current mesh.
-
-    A no-op without a mesh (`jax.set_mesh`) or where the mesh does not divide the axis. Motion
-    modules call it so temporal attention sees all frames of a pixel on one device: XLA turns
-    the change from frame-sharded to token-sharded into an all-to-all.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    axes = LOGICAL_RULES[logical]
-    if mesh.empty or not all(a in mesh.axis_names for a in axes):
-        return x
-    if x.shape[0] % math.prod(mesh.shape[a] for a in axes):
-        return x
-    return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))

@@ -9,9 +9,9 @@ from flax import nnx
 
 from freeanimate_jax import parallel
 from freeanimate_jax.demo import TINY_SIZE, tiny_models
-from freeanimate_jax.models.attention import AttnControl
+from freeanimate_jax.models.attention import AttnControl, LayerInputs
 from freeanimate_jax.pipelines.animate import AnimateSettings, FreeAnimate
-from tests.test_attention import _np_anchored_attention
+from tests.helpers import np_anchored_attention
 
 FRAMES = 3  # not a multiple of 8: the sharded run pads to 8 and drops the padding
 BASE = AnimateSettings(steps=3, preview_steps=3, guidance_scale=5.0, iba_until=0.67, seed=7)
@@ -89,10 +89,11 @@ def test_ra_sa_inside_the_unet_equals_hand_computed_anchored_attention(models):
     ctx = jax.random.normal(keys[1], (2, 77, 32))
     channels = layer.to_q.in_features
     anchor = jax.random.normal(keys[2], (1, 64, channels))
-    ctrl = AttnControl(inputs={path: {"anchor": anchor}}, capture_hidden=(path,),
+    ctrl = AttnControl(inputs={path: LayerInputs(anchor=anchor)}, capture_hidden=(path,),
                        capture_output=(path,))
-    _, cap = unet(z, 500, ctx, attn=ctrl)
-    expected = _np_anchored_attention(layer, cap[path]["hidden"], anchor, heads=layer.heads)
+    unet(z, 500, ctx, attn=ctrl)
+    cap = ctrl.captured
+    expected = np_anchored_attention(layer, cap[path]["hidden"], anchor, heads=layer.heads)
     np.testing.assert_allclose(np.asarray(cap[path]["output"]), expected, atol=1e-5, rtol=0)
 
 

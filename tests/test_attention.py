@@ -8,36 +8,17 @@ import torch
 from flax import nnx
 
 import freeanimate_jax
+from freeanimate_jax import parallel
 from freeanimate_jax.models.attention import (
     Attention,
     AttnControl,
+    LayerInputs,
+    Runtime,
     attention_paths,
     dot_product_attention,
-    use_kernel,
 )
 from tests import tiny
-from tests.helpers import assert_parity, nchw_to_nhwc
-
-
-def _np_anchored_attention(layer: Attention, x, anchor, heads: int):
-    """softmax([q] [k; k_ref]^T / sqrt(d)) [v; v_ref], written out in NumPy (float64)."""
-    w = {n: np.asarray(getattr(layer, n).weight[...], np.float64) for n in ("to_q", "to_k", "to_v")}
-    wo = np.asarray(layer.to_out[0].weight[...], np.float64)
-    bo = np.asarray(layer.to_out[0].bias[...], np.float64)
-    x, anchor = np.asarray(x, np.float64), np.asarray(anchor, np.float64)
-    outs = []
-    for b in range(x.shape[0]):
-        kv_in = np.concatenate([x[b], anchor[0]], axis=0)
-        q, k, v = x[b] @ w["to_q"], kv_in @ w["to_k"], kv_in @ w["to_v"]
-        d = q.shape[-1] // heads
-        head_outs = []
-        for h in range(heads):
-            sl = slice(h * d, (h + 1) * d)
-            logits = q[:, sl] @ k[:, sl].T / np.sqrt(d)
-            p = np.exp(logits - logits.max(-1, keepdims=True))
-            head_outs.append((p / p.sum(-1, keepdims=True)) @ v[:, sl])
-        outs.append(np.concatenate(head_outs, -1) @ wo + bo)
-    return np.stack(outs)
+from tests.helpers import assert_parity, nchw_to_nhwc, np_anchored_attention
 
 
 def test_ra_sa_equals_hand_written_anchored_attention():
@@ -45,8 +26,8 @@ def test_ra_sa_equals_hand_written_anchored_attention():
     layer.path = "layer"
     x = jax.random.normal(jax.random.key(1), (3, 6, 16))
     anchor = jax.random.normal(jax.random.key(2), (1, 5, 16))
-    out = layer(x, None, AttnControl(inputs={"layer": {"anchor": anchor}}))
-    expected = _np_anchored_attention(layer, x, anchor, heads=2)
+    out = layer(x, None, AttnControl(inputs={"layer": LayerInputs(anchor=anchor)}))
+    expected = np_anchored_attention(layer, x, anchor, heads=2)
     np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5, rtol=0)
     # And anchoring is not a no-op.
     assert float(jnp.max(jnp.abs(out - layer(x)))) > 1e-3
@@ -57,7 +38,7 @@ def test_in_batch_anchor_equals_explicit_anchor():
     layer.path = "down.attn1"
     x = jax.random.normal(jax.random.key(3), (4, 6, 16))
     ctrl = AttnControl(anchor_index=(3, 3, 3, 3), anchor_layers=("*attn1",))
-    explicit = AttnControl(inputs={"down.attn1": {"anchor": x[3:4]}})
+    explicit = AttnControl(inputs={"down.attn1": LayerInputs(anchor=x[3:4])})
     np.testing.assert_array_equal(np.asarray(layer(x, None, ctrl)),
                                   np.asarray(layer(x, None, explicit)))
     # The anchor element itself attends to [h; h]: duplicated keys leave softmax unchanged.
@@ -73,17 +54,18 @@ def test_maps_and_hidden_injection_give_equal_layer_outputs(cross):
     keys = jax.random.split(jax.random.key(5), 4)
     h_pre, h_now = (jax.random.normal(k, (2, 9, 16)) for k in keys[:2])
     context = jax.random.normal(keys[2], (2, 7, 12)) if cross else None
-    anchor = None if cross else {"anchor": jax.random.normal(keys[3], (1, 9, 16))}
-    extra = anchor or {}
-    inversion = AttnControl(inputs={"l": extra}, capture_hidden=("l",), capture_maps=("l",))
+    anchor = None if cross else jax.random.normal(keys[3], (1, 9, 16))
+    inversion = AttnControl(inputs={"l": LayerInputs(anchor=anchor)}, capture_hidden=("l",),
+                            capture_maps=("l",))
     layer(h_pre, context, inversion)
     cache = inversion.captured["l"]
     np.testing.assert_array_equal(np.asarray(cache["hidden"]), np.asarray(h_pre))
     lk = 7 if cross else 18
     assert cache["maps"].shape == (2, 2, 9, lk)
-    out_maps = layer(h_now, context, AttnControl(inputs={"l": {**extra, "maps": cache["maps"]}}))
-    out_hidden = layer(h_now, context,
-                       AttnControl(inputs={"l": {**extra, "hidden": cache["hidden"]}}))
+    out_maps = layer(h_now, context, AttnControl(
+        inputs={"l": LayerInputs(anchor=anchor, maps=cache["maps"])}))
+    out_hidden = layer(h_now, context, AttnControl(
+        inputs={"l": LayerInputs(anchor=anchor, hidden=cache["hidden"])}))
     assert_parity(out_maps, out_hidden, "maps vs hidden injection", tol=1e-5)
     assert float(jnp.max(jnp.abs(out_hidden - layer(h_now, context)))) > 1e-3
     if cross:  # same prompt: IBA cross-attention equals the inversion's own output
@@ -110,7 +92,8 @@ def test_captures_equal_the_layers_actual_inputs(tmp_path):
     with torch.no_grad():
         ref_model(x, 250, ctx)
     ctrl = AttnControl(capture_hidden=("*",))
-    _, captured = ours(jnp.asarray(nchw_to_nhwc(x)), 250, jnp.asarray(ctx.numpy()), attn=ctrl)
+    ours(jnp.asarray(nchw_to_nhwc(x)), 250, jnp.asarray(ctx.numpy()), attn=ctrl)
+    captured = ctrl.captured
     assert set(captured) == set(seen) == set(attention_paths(ours))
     assert len(seen) == 12  # 2 down + 3 up transformers + mid, each with attn1 and attn2
     for path, ref in seen.items():
@@ -126,11 +109,12 @@ def test_unet_maps_and_hidden_injection_are_equal(tmp_path):
     ctx = jax.random.normal(k3, (2, 7, 32))
     iba = ("*attn1", "*attn2")
     inversion = AttnControl(capture_hidden=iba, capture_maps=iba)
-    _, cache = unet(z_pre, 500, ctx, attn=inversion)
-    as_maps = {p: {"maps": c["maps"]} for p, c in cache.items()}
-    as_hidden = {p: {"hidden": c["hidden"]} for p, c in cache.items()}
-    out_maps, _ = unet(z_now, 500, ctx, attn=AttnControl(inputs=as_maps))
-    out_hidden, _ = unet(z_now, 500, ctx, attn=AttnControl(inputs=as_hidden))
+    unet(z_pre, 500, ctx, attn=inversion)
+    cache = inversion.captured
+    as_maps = {p: LayerInputs(maps=c["maps"]) for p, c in cache.items()}
+    as_hidden = {p: LayerInputs(hidden=c["hidden"]) for p, c in cache.items()}
+    out_maps = unet(z_now, 500, ctx, attn=AttnControl(inputs=as_maps))
+    out_hidden = unet(z_now, 500, ctx, attn=AttnControl(inputs=as_hidden))
     assert_parity(out_maps, out_hidden, "unet with maps vs hidden IBA", tol=1e-5)
     assert float(jnp.max(jnp.abs(out_hidden - unet(z_now, 500, ctx)))) > 1e-3
 
@@ -143,33 +127,39 @@ def test_xla_kernel_matches_jax_reference():
                                        implementation="xla").reshape(2, 33, 160)
     assert_parity(ours, ref, "xla kernel", tol=1e-5)
     with pytest.raises(ValueError, match="unknown attention kernel"):
-        with use_kernel("flash"):
-            pass
+        Runtime(kernel="flash")
+
+
+def test_misspelt_layer_inputs_are_an_error():
+    with pytest.raises(TypeError):
+        LayerInputs(iba_gates=True)  # there is no such field: nothing is silently ignored
+    with pytest.raises(TypeError, match="expected LayerInputs"):
+        AttnControl(inputs={"l": {"anchor": jnp.zeros((1, 2, 3))}})
 
 
 def _v5e_mesh():
     from jax.experimental import topologies
-    from jax.sharding import Mesh
 
-    topo = topologies.get_topology_desc("v5e:2x2", "tpu")
-    return Mesh(np.array(topo.devices).reshape(-1), ("frames",))
+    return parallel.make_mesh(devices=topologies.get_topology_desc("v5e:2x2", "tpu").devices)
 
 
 @pytest.mark.parametrize("head_dim", [40, 80, 160])
 def test_tpu_flash_kernel_compiles_ahead_of_time_for_v5e(head_dim):
     from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     mesh = _v5e_mesh()
     heads = 320 * (head_dim // 40) // head_dim
-    sharded = NamedSharding(mesh, P("frames"))
+    sharded = NamedSharding(mesh, parallel.frames_spec(1))
     q = jax.ShapeDtypeStruct((8, 1024, heads * head_dim), jnp.bfloat16, sharding=sharded)
     kv = jax.ShapeDtypeStruct((8, 2048, heads * head_dim), jnp.bfloat16, sharding=sharded)
 
-    def f(q, k, v):
-        return dot_product_attention(q, k, v, heads)
+    runtime = parallel.runtime(mesh)
+    assert runtime.kernel == "tpu_flash"  # the mesh's platform picks the kernel
 
-    with use_kernel("tpu_flash"), jax.set_mesh(mesh):
+    def f(q, k, v):
+        return dot_product_attention(q, k, v, heads, runtime=runtime)
+
+    with parallel.use(mesh):
         lowered = jax.jit(f).lower(q, kv, kv)
         compiled = lowered.compile()
     assert "tpu_custom_call" in lowered.as_text()  # the Pallas kernel, not an XLA fallback
@@ -188,14 +178,16 @@ def test_tiny_unet_compiles_for_v5e_with_the_flash_kernel(tmp_path):
     replicated = NamedSharding(mesh, P())
     state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                          state)
-    sharded = NamedSharding(mesh, P("frames"))
+    sharded = NamedSharding(mesh, parallel.frames_spec(4))
     x = jax.ShapeDtypeStruct((8, 32, 32, 4), jnp.bfloat16, sharding=sharded)
-    ctx = jax.ShapeDtypeStruct((8, 77, 32), jnp.bfloat16, sharding=sharded)
+    ctx = jax.ShapeDtypeStruct((8, 77, 32), jnp.bfloat16,
+                               sharding=NamedSharding(mesh, parallel.frames_spec(3)))
+    ctrl_runtime = parallel.runtime(mesh)
 
     def f(state, x, ctx):
-        return nnx.merge(graphdef, state)(x, 500, ctx)
+        return nnx.merge(graphdef, state)(x, 500, ctx, attn=AttnControl(runtime=ctrl_runtime))
 
-    with use_kernel("tpu_flash"), jax.set_mesh(mesh):
+    with parallel.use(mesh):
         lowered = jax.jit(f).lower(state, x, ctx)
         mem = lowered.compile().memory_analysis()
     assert lowered.as_text().count("tpu_custom_call") >= 2

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from freeanimate_jax.models.attention import dot_product_attention, use_kernel
+from freeanimate_jax.models.attention import Runtime, dot_product_attention
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 
@@ -22,13 +22,13 @@ def test_cudnn_attention_matches_fp32(lq, lk, width):
     q = jax.random.normal(kq, (2, lq, width), jnp.float32)
     k = jax.random.normal(kk, (2, lk, width), jnp.float32)
     v = jax.random.normal(kv, (2, lk, width), jnp.float32)
-    with use_kernel("xla"):
-        ref = np.asarray(jax.jit(lambda a, b, c: dot_product_attention(a, b, c, 8))(q, k, v))
+    xla, cudnn = Runtime(kernel="xla"), Runtime(kernel="cudnn")
+    ref = np.asarray(jax.jit(lambda a, b, c: dot_product_attention(a, b, c, 8, runtime=xla))(
+        q, k, v))
     bf = [t.astype(jnp.bfloat16) for t in (q, k, v)]
-    with use_kernel("cudnn"):
-        fn = jax.jit(lambda a, b, c: dot_product_attention(a, b, c, 8))
-        hlo = fn.lower(*bf).as_text()
-        out = np.asarray(fn(*bf).astype(jnp.float32))
+    fn = jax.jit(lambda a, b, c: dot_product_attention(a, b, c, 8, runtime=cudnn))
+    hlo = fn.lower(*bf).as_text()
+    out = np.asarray(fn(*bf).astype(jnp.float32))
     assert "cudnn" in hlo, "cuDNN path not taken"
     # bf16 inputs carry 8 bits of mantissa: ~4e-3 relative per element, averaged over keys.
     assert np.abs(out - ref).max() <= 2e-2 * max(1.0, np.abs(ref).max())

@@ -99,12 +99,15 @@ def test_one_device_and_eight_devices_give_the_same_output(pair):
     mesh = parallel.make_mesh()
     from flax import nnx
 
+    from freeanimate_jax.models.attention import AttnControl
+
     graphdef, state = nnx.split(ours)
+    runtime = parallel.runtime(mesh)  # the mesh's layout: the motion modules' sharding rules
 
     def f(state, x, c):
-        return nnx.merge(graphdef, state)(x, 77, c)
+        return nnx.merge(graphdef, state)(x, 77, c, attn=AttnControl(runtime=runtime))
 
-    with jax.set_mesh(mesh):
+    with parallel.use(mesh):
         xs = jax.device_put(xj, parallel.frame_sharding(mesh, 5, axis=1))
         lowered = jax.jit(f).lower(parallel.replicate(state, mesh), xs,
                                    parallel.replicate(cj, mesh))

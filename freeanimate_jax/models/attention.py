@@ -1,8 +1,8 @@
 """The one attention function every attention layer calls, and the `attn` contract.
 
-Contract (see DESIGN.md): a model forward may receive an `AttnControl`. It carries, keyed by
-layer path (e.g. ``up_blocks.1.attentions.0.transformer_blocks.0.attn1``), what each layer should
-use instead of or beside its own inputs:
+Contract (see DESIGN.md): a model forward may receive an `AttnControl`. Its `inputs` map layer
+paths (e.g. ``up_blocks.1.attentions.0.transformer_blocks.0.attn1``) to `LayerInputs`, what
+each layer should use instead of or beside its own inputs:
 
 - ``anchor``: RA-SA. Extra key/value input appended to the layer's own tokens:
   ``K = W_k [h ; h_ref]``, ``V = W_v [h ; h_ref]``. Shape (B or 1, L_ref, C).
@@ -11,67 +11,84 @@ use instead of or beside its own inputs:
   ``K_pre = W_k [h_pre ; anchor]``); values come from the current input.
 - ``maps``: IBA cache in ``maps`` form: the inversion's softmax maps (B, heads, Lq, Lk),
   applied to the current values. Tiny shapes only: memory is O(L^2).
-
-- ``anchor_gate`` / ``iba_gate``: optional traced booleans switching the anchor / the IBA cache
-  on or off for this call, so one scan body serves steps with and without them. A gated-off
-  anchor is replaced by the keys' own source (attention over ``[h ; h]`` equals attention over
-  ``h``: duplicated keys leave the softmax unchanged), so shapes never change.
+- ``anchor_on`` / ``iba_on``: optional traced booleans (a scalar, or one per batch element)
+  switching the anchor / the IBA cache on or off for this call, so one scan body serves steps
+  with and without them. A gated-off anchor is replaced by the keys' own source (attention over
+  ``[h ; h]`` equals attention over ``h``: duplicated keys leave the softmax unchanged), so
+  shapes never change.
 
 and static policy: which layers capture their attention input (``hidden``), their softmax maps
 (``maps``) or their projected output (``output``), and an optional in-batch anchor
-(``anchor_index[b]`` = the batch element whose own input anchors element b). Captures come
-back in `AttnControl.captured` in the same ``{path: {kind: array}}`` structure the inputs
-use, so an inversion scan's captures feed a denoising scan's inputs unchanged.
+(``anchor_index[b]`` = the batch element whose own input anchors element b). Captures are
+collected in `AttnControl.captured`, ``{path: {kind: array}}``, which the caller reads after the
+forward (inside the same traced function), so an inversion scan's captures feed a denoising
+scan's inputs unchanged.
 
-The kernel is chosen here and only here: plain XLA (CPU, and whenever maps are needed),
-`jax.nn.dot_product_attention` with cuDNN on GPU, Pallas flash attention on TPU.
+`Runtime` is the static part every forward shares: the attention kernel and the `Layout` that
+maps the logical axes layers name to a device mesh. Models never look up a mesh: the layout
+comes from `freeanimate_jax.parallel.runtime(mesh)` through the policy, and it is hashable, so
+jit's cache sees it. Kernels: plain XLA (CPU, and whenever maps are needed),
+`jax.nn.dot_product_attention` with cuDNN on GPU, Pallas flash attention on TPU (per shard,
+through the layout: Mosaic kernels are not partitioned automatically).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
 import functools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from freeanimate_jax.models.layers import GroupNorm, Linear
 
 Array = jax.Array
 KERNELS = ("auto", "xla", "cudnn", "tpu_flash")
-_kernel = "auto"
 _TPU_BLOCK = 128
 
 
-@contextlib.contextmanager
-def use_kernel(name: str) -> Iterator[None]:
-    """Force a kernel while tracing, e.g. ``tpu_flash`` for an ahead-of-time TPU compile."""
-    global _kernel
-    if name not in KERNELS:
-        raise ValueError(f"unknown attention kernel {name!r}; expected one of {KERNELS}")
-    old, _kernel = _kernel, name
-    try:
-        yield
-    finally:
-        _kernel = old
+class Layout(Protocol):
+    """How logical axes map to devices (implemented by `parallel.MeshLayout`)."""
+
+    def constrain(self, x: Array, logical: Sequence[str | None]) -> Array: ...
+
+    def per_shard(self, fn: Callable[..., Array], *args: Array, axis: str) -> Array: ...
 
 
-def _pick_kernel(lq: int, lk: int, causal: bool) -> str:
-    name = _kernel
-    if name == "auto":
-        name = {"gpu": "cudnn", "tpu": "tpu_flash"}.get(jax.default_backend(), "xla")
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """Static runtime policy: the attention kernel (``auto``: by the default backend at trace
+    time) and the device layout (None: one device, nothing to constrain)."""
+
+    kernel: str = "auto"
+    layout: Layout | None = None
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"unknown attention kernel {self.kernel!r}; expected one of "
+                             f"{KERNELS}")
+
+    def constrain(self, x: Array, logical: Sequence[str | None]) -> Array:
+        return x if self.layout is None else self.layout.constrain(x, logical)
+
+
+DEFAULT_RUNTIME = Runtime()
+
+
+def _pick_kernel(kernel: str, lq: int, lk: int, causal: bool) -> str:
+    if kernel == "auto":
+        kernel = {"gpu": "cudnn", "tpu": "tpu_flash"}.get(jax.default_backend(), "xla")
     # The Pallas kernel tiles sequences in 128-blocks; short or ragged sequences (cross-attention
     # to 77 text tokens, the 8x8 mid block) are cheap and go to XLA.
-    if name == "tpu_flash" and (causal or lq % _TPU_BLOCK or lk % _TPU_BLOCK):
-        name = "xla"
-    return name
+    if kernel == "tpu_flash" and (causal or lq % _TPU_BLOCK or lk % _TPU_BLOCK):
+        kernel = "xla"
+    return kernel
 
 
 def attention_maps(q_blhd: Array, k_blhd: Array, scale: float, causal: bool = False) -> Array:
@@ -90,7 +107,8 @@ def apply_maps(maps_bhqk: Array, v_blhd: Array) -> Array:
         v_blhd.dtype)
 
 
-def _tpu_flash(q_blhd: Array, k_blhd: Array, v_blhd: Array, scale: float) -> Array:
+def _tpu_flash(q_blhd: Array, k_blhd: Array, v_blhd: Array, scale: float,
+               layout: Layout | None) -> Array:
     from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
 
     d = q_blhd.shape[-1]
@@ -101,24 +119,22 @@ def _tpu_flash(q_blhd: Array, k_blhd: Array, v_blhd: Array, scale: float) -> Arr
                    for t in (q, k, v))
         return rearrange(flash_attention(q, k, v, sm_scale=scale)[..., :d], "b h l d -> b l h d")
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    if layout is None:
         return kernel(q_blhd, k_blhd, v_blhd)
-    # Mosaic kernels are not auto-partitioned: run per shard over the batch axis (frames), or
-    # replicated for a batch the mesh does not divide (the single reference latent).
-    spec = P(mesh.axis_names) if q_blhd.shape[0] % mesh.size == 0 else P()
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                         check_vma=False)(q_blhd, k_blhd, v_blhd)
+    # The batch axis is the frames axis; a batch the mesh does not divide (the single reference
+    # latent) runs replicated, by the layout's rule.
+    return layout.per_shard(kernel, q_blhd, k_blhd, v_blhd, axis="frames")
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, heads: int, *, causal: bool = False,
-                          scale: float | None = None) -> Array:
+                          scale: float | None = None,
+                          runtime: Runtime = DEFAULT_RUNTIME) -> Array:
     """Multi-head attention on (B, L, H*D) projections; returns (B, Lq, H*Dv)."""
     q_blhd, k_blhd, v_blhd = (rearrange(t, "b l (h d) -> b l h d", h=heads) for t in (q, k, v))
     scale = 1.0 / math.sqrt(q_blhd.shape[-1]) if scale is None else scale
-    kernel = _pick_kernel(q.shape[1], k.shape[1], causal)
+    kernel = _pick_kernel(runtime.kernel, q.shape[1], k.shape[1], causal)
     if kernel == "tpu_flash":
-        out = _tpu_flash(q_blhd, k_blhd, v_blhd, scale)
+        out = _tpu_flash(q_blhd, k_blhd, v_blhd, scale, runtime.layout)
     elif kernel == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16):
         out = jax.nn.dot_product_attention(q_blhd, k_blhd, v_blhd, scale=scale,
                                            is_causal=causal, implementation="cudnn")
@@ -132,24 +148,47 @@ def _matches(path: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(path, p) for p in patterns)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerInputs:
+    """What one attention layer uses beside its own input (see the module docstring); every
+    field is optional and traced."""
+
+    anchor: Array | None = None
+    anchor_on: Array | None = None
+    hidden: Array | None = None
+    maps: Array | None = None
+    iba_on: Array | None = None
+
+
+_NO_INPUTS = LayerInputs()
+
+
 @dataclasses.dataclass
 class AttnControl:
-    """Per-call attention inputs and capture policy; see the module docstring.
+    """Per-forward attention inputs, capture policy and runtime; see the module docstring.
 
     Built inside the traced function and discarded after it: `captured` is filled during the
-    forward and returned by the model next to its output.
+    forward and read by the caller afterwards.
     """
 
-    inputs: Mapping[str, Mapping[str, Array]] = dataclasses.field(default_factory=dict)
+    inputs: Mapping[str, LayerInputs] = dataclasses.field(default_factory=dict)
     capture_hidden: tuple[str, ...] = ()
     capture_maps: tuple[str, ...] = ()
     capture_output: tuple[str, ...] = ()  # the layer's projected output (for checks, debugging)
     anchor_index: tuple[int, ...] | None = None
     anchor_layers: tuple[str, ...] = ()
+    runtime: Runtime = DEFAULT_RUNTIME
     captured: dict[str, dict[str, Array]] = dataclasses.field(default_factory=dict)
 
-    def layer_inputs(self, path: str) -> Mapping[str, Array]:
-        return self.inputs.get(path, {})
+    def __post_init__(self) -> None:
+        for path, value in self.inputs.items():
+            if not isinstance(value, LayerInputs):
+                raise TypeError(f"attention inputs for {path!r}: {type(value).__name__}; "
+                                f"expected LayerInputs")
+
+    def layer_inputs(self, path: str) -> LayerInputs:
+        return self.inputs.get(path, _NO_INPUTS)
 
     def wants(self, path: str, kind: str) -> bool:
         patterns = {"hidden": self.capture_hidden, "maps": self.capture_maps,
@@ -168,12 +207,26 @@ class AttnControl:
         self.captured.setdefault(path, {})[kind] = value
 
 
+def plain(runtime: Runtime) -> AttnControl | None:
+    """A control that carries only the runtime (no inputs, no captures); None for the default,
+    so plain calls trace exactly as before."""
+    return None if runtime == DEFAULT_RUNTIME else AttnControl(runtime=runtime)
+
+
 def _broadcast_batch(a: Array, b: int, what: str) -> Array:
     if a.shape[0] == b:
         return a
     if a.shape[0] == 1:
         return jnp.broadcast_to(a, (b,) + a.shape[1:])
     raise ValueError(f"{what}: batch {a.shape[0]} does not match the layer's batch {b}")
+
+
+def _where(gate: Array, on: Array, off: Array) -> Array:
+    """`on` where the gate is set; a per-batch gate (B,) selects whole batch elements."""
+    gate = jnp.asarray(gate)
+    if gate.ndim == 1:
+        gate = gate.reshape((-1,) + (1,) * (on.ndim - 1))
+    return jnp.where(gate, on, off)
 
 
 class Attention(nnx.Module):
@@ -218,9 +271,10 @@ class Attention(nnx.Module):
     def attend(self, x: Array, context: Array | None, ctrl: AttnControl | None) -> Array:
         """Attention of (normed) tokens x, before the output projection."""
         b, path = x.shape[0], self.path
-        inp = ctrl.layer_inputs(path) if ctrl is not None else {}
+        inp = ctrl.layer_inputs(path) if ctrl is not None else _NO_INPUTS
+        runtime = ctrl.runtime if ctrl is not None else DEFAULT_RUNTIME
         self_attn = context is None
-        anchor = inp.get("anchor")
+        anchor = inp.anchor
         if anchor is None and ctrl is not None and self_attn:
             anchor = ctrl.batch_anchor(path, x)
 
@@ -230,26 +284,27 @@ class Attention(nnx.Module):
             if anchor is None:
                 return h
             a = _broadcast_batch(anchor, b, path).astype(h.dtype)
-            if "anchor_gate" in inp:  # off: [h ; h], which attends exactly like h alone
-                a = jnp.where(inp["anchor_gate"], a, h)
+            if inp.anchor_on is not None:  # off: [h ; h], which attends exactly like h alone
+                a = _where(inp.anchor_on, a, h)
             return jnp.concatenate([h, a], 1)
 
+        def attention(q: Array, k: Array, v: Array) -> Array:
+            return dot_product_attention(q, k, v, self.heads, scale=self.scale, runtime=runtime)
+
         v = self.to_v(keys_from(x))
-        gate = inp.get("iba_gate")
-        if "maps" in inp:
-            maps = _broadcast_batch(inp["maps"], b, path)
+        gate = inp.iba_on
+        if inp.maps is not None:
+            maps = _broadcast_batch(inp.maps, b, path)
             out = rearrange(apply_maps(maps, rearrange(v, "b l (h d) -> b l h d", h=self.heads)),
                             "b l h d -> b l (h d)")
             if gate is not None:
-                plain = dot_product_attention(self.to_q(x), self.to_k(keys_from(x)), v,
-                                              self.heads, scale=self.scale)
-                out = jnp.where(gate, out, plain)
+                out = _where(gate, out, attention(self.to_q(x), self.to_k(keys_from(x)), v))
         else:
             q_src = x
-            if "hidden" in inp:
-                q_src = _broadcast_batch(inp["hidden"], b, path).astype(x.dtype)
+            if inp.hidden is not None:
+                q_src = _broadcast_batch(inp.hidden, b, path).astype(x.dtype)
                 if gate is not None:
-                    q_src = jnp.where(gate, q_src, x)
+                    q_src = _where(gate, q_src, x)
             q, k = self.to_q(q_src), self.to_k(keys_from(q_src))
             if ctrl is not None and ctrl.wants(path, "maps"):
                 maps = attention_maps(*(rearrange(t, "b l (h d) -> b l h d", h=self.heads)
@@ -258,7 +313,7 @@ class Attention(nnx.Module):
                 out = rearrange(apply_maps(maps, rearrange(v, "b l (h d) -> b l h d",
                                                            h=self.heads)), "b l h d -> b l (h d)")
             else:
-                out = dot_product_attention(q, k, v, self.heads, scale=self.scale)
+                out = attention(q, k, v)
         if ctrl is not None and ctrl.wants(path, "hidden"):
             ctrl.record(path, "hidden", x)
         return out

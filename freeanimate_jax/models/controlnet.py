@@ -76,7 +76,7 @@ class ControlNetModel(nnx.Module):
                  controlnet_cond: Array, conditioning_scale: float | Array = 1.0,
                  guess_mode: bool = False, attn: AttnControl | None = None):
         """Residuals for the UNet; `controlnet_cond` is the condition image in [0, 1], NHWC at
-        8x the latent size. With `attn`, returns ((down, mid), captures)."""
+        8x the latent size. Captures requested through `attn` land in `attn.captured`."""
         dtype = sample.dtype
         context = encoder_hidden_states.astype(dtype)
         temb = embed_time(self, self.cfg, timestep, sample.shape[0], dtype)
@@ -96,5 +96,4 @@ class ControlNetModel(nnx.Module):
             scales = jnp.full((len(down) + 1,), 1.0) * conditioning_scale
         down = [s * scales[i].astype(dtype) for i, s in enumerate(down)]
         mid = mid * scales[-1].astype(dtype)
-        out = (down, mid)
-        return out if attn is None else (out, attn.captured)
+        return down, mid

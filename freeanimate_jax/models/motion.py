@@ -17,8 +17,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from freeanimate_jax import parallel
-from freeanimate_jax.models.attention import AttnControl, name_attention_layers
+from freeanimate_jax.models.attention import DEFAULT_RUNTIME, AttnControl, name_attention_layers
 from freeanimate_jax.models.layers import GroupNorm, Linear
 from freeanimate_jax.models.unet import UNet2DConditionModel
 from freeanimate_jax.models.unet_blocks import BasicTransformerBlock
@@ -46,20 +45,25 @@ class MotionModule(nnx.Module):
         self.norm_per_frame = norm_per_frame
 
     def __call__(self, x: Array, frames: int, ctrl: AttnControl | None = None) -> Array:
-        """`x` is a video batch ((b f), h, w, c)."""
+        """`x` is a video batch ((b f), h, w, c). Temporal attention needs every frame of a
+        pixel on one device: the tokens are named `temporal_tokens` going in and `frames`
+        coming out, and on a frame-sharded mesh the layout's rules turn that into one
+        all-to-all each way."""
+        runtime = ctrl.runtime if ctrl is not None else DEFAULT_RUNTIME
         h_, w_ = x.shape[1:3]
         if self.norm_per_frame:
             h = self.norm(x)
         else:
             h = rearrange(self.norm(rearrange(x, "(b f) h w c -> b (f h) w c", f=frames)),
                           "b (f h) w c -> (b f) h w c", f=frames)
-        h = parallel.constrain(rearrange(h, "(b f) h w c -> (b h w) f c", f=frames),
-                               "temporal_tokens")
+        h = runtime.constrain(rearrange(h, "(b f) h w c -> (b h w) f c", f=frames),
+                              ("temporal_tokens", None, None))
         h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, None, ctrl)
         h = self.proj_out(h)
-        h = parallel.constrain(rearrange(h, "(b h w) f c -> (b f) h w c", h=h_, w=w_), "frames")
+        h = runtime.constrain(rearrange(h, "(b h w) f c -> (b f) h w c", h=h_, w=w_),
+                              ("frames", None, None, None))
         return h + x
 
 

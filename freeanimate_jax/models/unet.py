@@ -191,7 +191,8 @@ class UNet2DConditionModel(nnx.Module):
                  attn: AttnControl | None = None):
         """Noise prediction for NHWC `sample`, or for a video (B, F, H, W, C) when motion
         modules are inserted (timestep and text per video; ControlNet residuals per frame, as
-        (B*F, ...) or (B, F, ...)). With `attn`, returns (prediction, captures)."""
+        (B*F, ...) or (B, F, ...)). Captures requested through `attn` land in
+        `attn.captured`."""
         dtype, frames = sample.dtype, None
         context = encoder_hidden_states.astype(dtype)
         temb = embed_time(self, self.cfg, timestep, sample.shape[0], dtype)
@@ -224,4 +225,4 @@ class UNet2DConditionModel(nnx.Module):
         x = self.conv_out(self.act(self.conv_norm_out(x)))
         if frames:
             x = rearrange(x, "(b f) h w c -> b f h w c", f=frames)
-        return x if attn is None else (x, attn.captured)
+        return x

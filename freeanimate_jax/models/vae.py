@@ -20,7 +20,13 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from freeanimate_jax.models.attention import Attention, name_attention_layers
+from freeanimate_jax.models.attention import (
+    Attention,
+    AttnControl,
+    Runtime,
+    name_attention_layers,
+    plain,
+)
 from freeanimate_jax.models.layers import Conv2d, GroupNorm, activation, silu
 
 Array = jax.Array
@@ -125,10 +131,10 @@ class UNetMidBlock2D(nnx.Module):
             Attention(channels, heads=1, dim_head=channels, bias=True, norm_num_groups=groups,
                       eps=_EPS, residual_connection=True, **kw)]) if add_attention else None
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, ctrl: AttnControl | None = None) -> Array:
         x = self.resnets[0](x)
         if self.attentions is not None:
-            x = self.attentions[0](x)
+            x = self.attentions[0](x, None, ctrl)
         return self.resnets[1](x)
 
 
@@ -162,11 +168,11 @@ class Encoder(nnx.Module):
         self.conv_norm_out = GroupNorm(groups, chans[-1], eps=_EPS, param_dtype=param_dtype)
         self.conv_out = Conv2d(chans[-1], 2 * latent_channels, 3, padding=1, **kw)
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, ctrl: AttnControl | None = None) -> Array:
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
-        x = self.mid_block(x)
+        x = self.mid_block(x, ctrl)
         # diffusers' conv_act is nn.SiLU regardless of act_fn.
         return self.conv_out(silu(self.conv_norm_out(x)))
 
@@ -190,8 +196,8 @@ class Decoder(nnx.Module):
         self.conv_norm_out = GroupNorm(groups, rev[-1], eps=_EPS, param_dtype=param_dtype)
         self.conv_out = Conv2d(rev[-1], out_channels, 3, padding=1, **kw)
 
-    def __call__(self, z: Array) -> Array:
-        x = self.mid_block(self.conv_in(z))
+    def __call__(self, z: Array, ctrl: AttnControl | None = None) -> Array:
+        x = self.mid_block(self.conv_in(z), ctrl)
         for block in self.up_blocks:
             x = block(x)
         return self.conv_out(silu(self.conv_norm_out(x)))
@@ -272,30 +278,37 @@ class AutoencoderKL(nnx.Module):
             return key
         return f"{m.group(1)}.{_DEPRECATED_NAMES[m.group(2)]}.{key[m.end():]}"
 
-    def _moments(self, x: Array) -> Array:
-        h = self.encoder(x)
-        return self.quant_conv(h) if self.quant_conv is not None else h
-
-    def encode(self, x: Array, *, chunk: int | None = None) -> tuple[Array, Array]:
+    def encode(self, x: Array, *, chunk: int | None = None,
+               runtime: Runtime | None = None) -> tuple[Array, Array]:
         """Image (B, H, W, C) -> (mean, logvar) of the latent Gaussian, each (B, H/f, W/f, L).
 
         logvar is clamped to [-30, 20] exactly as diffusers' DiagonalGaussianDistribution.
+        `runtime`: the attention kernel and device layout (see models/attention.py).
         """
+        ctrl = plain(runtime) if runtime is not None else None
+
         def moments(xb: Array) -> tuple[Array, Array]:
-            mean, logvar = jnp.split(self._moments(xb), 2, axis=-1)
+            h = self.encoder(xb, ctrl)
+            h = self.quant_conv(h) if self.quant_conv is not None else h
+            mean, logvar = jnp.split(h, 2, axis=-1)
             return mean, jnp.clip(logvar, -30.0, 20.0)
 
         return _chunked(moments, x, chunk)
 
-    def decode(self, z: Array, *, chunk: int | None = None) -> Array:
+    def decode(self, z: Array, *, chunk: int | None = None,
+               runtime: Runtime | None = None) -> Array:
         """Latent (B, h, w, L), unscaled -> image (B, h*f, w*f, C)."""
+        ctrl = plain(runtime) if runtime is not None else None
+
         def dec(zb: Array) -> Array:
             if self.post_quant_conv is not None:
                 zb = self.post_quant_conv(zb)
-            return self.decoder(zb)
+            return self.decoder(zb, ctrl)
 
         return _chunked(dec, z, chunk)
 
-    def __call__(self, x: Array, *, chunk: int | None = None) -> Array:
+    def __call__(self, x: Array, *, chunk: int | None = None,
+                 runtime: Runtime | None = None) -> Array:
         """Deterministic reconstruction: decode the posterior mean."""
-        return self.decode(self.encode(x, chunk=chunk)[0], chunk=chunk)
+        return self.decode(self.encode(x, chunk=chunk, runtime=runtime)[0], chunk=chunk,
+                           runtime=runtime)

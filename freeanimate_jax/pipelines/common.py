@@ -1,4 +1,5 @@
-"""Pieces every pipeline shares: pure model handles, prompt encoding, VAE in/out, progress."""
+"""Primitives of the sampling core (`core.py`): pure model handles, VAE in/out, named noise
+streams, the progress display."""
 
 from __future__ import annotations
 
@@ -33,14 +34,6 @@ class Pure:
         return nnx.merge(self.graphdef, state)
 
 
-def encode_prompts(text_encoder: nnx.Module, tokenizer, prompts: list[str],
-                   clip_skip: int | None = None) -> Array:
-    from freeanimate_jax.models.clip_text import tokenize
-
-    ids = jnp.asarray(tokenize(tokenizer, prompts))
-    return text_encoder(ids, clip_skip=clip_skip)
-
-
 def images_to_vae(images_uint8: np.ndarray, dtype) -> Array:
     return jnp.asarray(images_uint8, jnp.float32).astype(dtype) / 127.5 - 1.0
 
@@ -49,24 +42,25 @@ def vae_to_images(x: Array) -> Array:
     return jnp.clip((x.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
 
 
-def encode_latents(vae, images: Array, chunk: int | None = None) -> Array:
+def encode_latents(vae, images: Array, chunk: int | None = None, *, runtime=None) -> Array:
     """Images in [-1, 1] -> scaled latent means (the deterministic encoding diffusers uses for
     inversion)."""
-    mean, _ = vae.encode(images, chunk=chunk)
+    mean, _ = vae.encode(images, chunk=chunk, runtime=runtime)
     shift = getattr(vae, "shift_factor", None) or 0.0
     return (mean - shift) * vae.scaling_factor
 
 
-def decode_latents(vae, z: Array, chunk: int | None = None) -> Array:
+def decode_latents(vae, z: Array, chunk: int | None = None, *, runtime=None) -> Array:
     shift = getattr(vae, "shift_factor", None) or 0.0
     z = z / vae.scaling_factor + shift
-    return vae.decode(z, chunk=chunk)
+    return vae.decode(z, chunk=chunk, runtime=runtime)
 
 
-def frame_noise(seed: int, n_frames: int, shape: tuple[int, ...], dtype=jnp.float32,
+def frame_noise(seed: int | Array, n_frames: int, shape: tuple[int, ...], dtype=jnp.float32,
                 stream: str = "noise", step: Array | int | None = None) -> Array:
     """Per-frame noise from `fold_in(seed, frame)` (and the step, for per-step noise):
-    independent of device count and padding."""
+    independent of device count and padding. `seed` may be traced (a uint32 of the seed's
+    bits, as `jax.random.key` takes them)."""
     base = jax.random.fold_in(jax.random.key(seed), _stream_id(stream))
     if step is not None:
         base = jax.random.fold_in(base, step)
@@ -116,10 +110,3 @@ class Progress:
 
     def show(self, line: str, finished: bool) -> None:
         self.write("\r" + line.ljust(72) + ("\n" if finished else ""))
-
-
-def report_step(progress: Progress | None, name: str, step: Array) -> None:
-    """Call inside a scan body: one host callback per step (the only thing that leaves the
-    device during a scan)."""
-    if progress is not None and progress.enabled:
-        jax.debug.callback(lambda s: progress(name, s), step)
