@@ -1,16 +1,9 @@
-"""Video / still / JSON writers that never leave a partial file, and a video reader.
-
-Every writer goes to a hidden temp file in the destination folder and ``os.replace``s it into
-place, so a crash or bad input leaves either the old file or nothing, never half a video.
-"""
+"""Video / still / JSON writers that never leave a partial file (`io/atomic.py`), and a video
+reader."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,55 +11,10 @@ import imageio.v2 as imageio
 import numpy as np
 from PIL import Image, ImageSequence
 
+from freeanimate_jax.io.atomic import staged, write_files_atomic  # noqa: F401  (re-exported)
 from freeanimate_jax.io.images import InputError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".gif", ".npz")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path next to ``path`` (same suffix, so encoders pick the same format); on
-    success it replaces ``path``, on any error it is deleted."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        # mkstemp makes the file 0600; give the result the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_files_atomic(writes: Sequence[tuple[Path, Callable[[Path], None]]]) -> None:
-    """Write several files as one: each ``write(tmp)`` fills a hidden temp file next to its
-    destination, then all are renamed into place. On any failure every temp and every file this
-    call already renamed are removed, so callers get all of the files or none."""
-    staged: list[tuple[Path, Path]] = []
-    placed: list[Path] = []
-    try:
-        for path, write in writes:
-            path = Path(path)
-            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.",
-                                        suffix=path.suffix)
-            os.close(fd)
-            staged.append((Path(name), path))
-            write(Path(name))
-        for tmp, path in staged:
-            os.replace(tmp, path)
-            placed.append(path)
-    except BaseException:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        for path in placed:
-            path.unlink(missing_ok=True)
-        raise
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -101,7 +49,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float) -> None:
     if writer is None:
         raise InputError(f"{path}: unknown video suffix {suffix!r}; expected .mp4, .gif or .npz")
     data = _to_float32(frames) if suffix == ".npz" else to_uint8(frames)
-    with atomic_path(path) as tmp:
+    with staged(path) as tmp:
         writer(tmp, data, float(fps))
 
 
@@ -134,14 +82,14 @@ def read_video(path: str | Path) -> tuple[np.ndarray, float]:
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """JSON-encode ``obj`` (indented, UTF-8) and put it at ``path`` atomically."""
     text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"  # fails before any file exists
-    with atomic_path(path) as tmp:
+    with staged(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
 def write_png_atomic(path: str | Path, img: np.ndarray) -> None:
     """Write an (H, W, 3) uint8 or float [0, 1] image as PNG atomically."""
     data = to_uint8(np.asarray(img))
-    with atomic_path(path) as tmp:
+    with staged(path) as tmp:
         Image.fromarray(data).save(tmp, format="PNG")
 
 

@@ -3,20 +3,18 @@
 A converted-model directory holds `config.json` (rebuilds the model abstractly with
 `loader.build`), `params/` (an orbax StandardCheckpointer checkpoint of `nnx.state(model)`) and,
 written last, `MARKER` (format version, dtype). Everything is written into a hidden sibling
-staging directory and renamed into place, so a crash never leaves a half-written directory at
-the final path. A directory without the marker (or of another format) is never trusted:
-`load_converted` refuses it with a WeightsError, and `load(..., cache_dir=...)` treats it as a
-cache miss, converts again and replaces it. A marked directory that orbax cannot read (damaged
-after it was written) is an error naming it, not a silent reconversion. Single-process only
-(orbax saves are collective).
+staging directory and renamed into place (`io/atomic.py`), so a crash never leaves a
+half-written directory at the final path. A directory without the marker (or of another
+format) is never trusted: `load_converted` refuses it with a WeightsError, and
+`load(..., cache_dir=...)` treats it as a cache miss, converts again and replaces it. A marked
+directory that orbax cannot read (damaged after it was written) is an error naming it, not a
+silent reconversion. Single-process only (orbax saves are collective).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import uuid
 import warnings
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from freeanimate_jax.io.atomic import staged
 from freeanimate_jax.weights.convert import WeightsError
 from freeanimate_jax.weights.loader import build, load_folder
 
@@ -66,36 +65,14 @@ def save_converted(model: nnx.Module, directory: str | Path, *, config=None,
         raise WeightsError(f"{directory}: already exists (pass overwrite=True to replace it)")
     state = nnx.state(model)
     dtypes = {x.dtype.name for x in jax.tree.leaves(state) if _floating(x)}
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = directory.parent / f".{directory.name}.staging-{uuid.uuid4().hex}"
-    staging.mkdir()
-    try:
+    # A concurrent writer that published a complete copy first wins: it is kept.
+    with staged(directory, folder=True, complete=is_complete) as staging:
         with _orbax().StandardCheckpointer() as ckpt:
             ckpt.save(staging / "params", state)
             ckpt.wait_until_finished()
         (staging / "config.json").write_text(json.dumps(dict(config), indent=1, sort_keys=True))
         (staging / MARKER).write_text(json.dumps({"format": FORMAT, "dtypes": sorted(dtypes)}))
-        _publish(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return directory
-
-
-def _publish(staging: Path, directory: Path) -> None:
-    """Rename `staging` to `directory`, first moving aside whatever is there."""
-    trash = None
-    if directory.exists():
-        trash = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex}"
-        directory.rename(trash)
-    try:
-        staging.rename(directory)
-    except OSError:
-        if not is_complete(directory):  # else a concurrent writer won the race: keep its copy
-            if trash is not None and not directory.exists():
-                trash.rename(directory)  # put back what was there
-            raise
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_converted(directory: str | Path, dtype=None) -> nnx.Module:

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from flax import nnx
 
+from freeanimate_jax.io.atomic import staged
 from freeanimate_jax.models.motion import MotionAdapter
 from freeanimate_jax.models.unet_blocks import BasicTransformerBlock, sinusoidal_positions
 from freeanimate_jax.weights.convert import WeightsError, export_state_dict
@@ -60,33 +58,12 @@ def adapter_state(adapter: MotionAdapter, *, original: bool) -> dict[str, np.nda
 
 @contextlib.contextmanager
 def _staged(target: Path, *, folder: bool, overwrite: bool) -> Iterator[Path]:
-    """Yield a staging path beside `target`; on success it replaces `target` atomically."""
-    if target.exists() and not overwrite:
-        raise WeightsError(f"{target}: already exists (pass overwrite=True to replace it)")
-    if target.exists() and target.is_dir() != folder:
-        raise WeightsError(f"{target}: exists and is not a {'folder' if folder else 'file'}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex
-    staging = target.parent / f".{target.name}.staging-{tag}"
-    trash = target.parent / f".{target.name}.old-{tag}"
-    if folder:
-        staging.mkdir()
     try:
-        yield staging
-        if folder and target.exists():  # os.replace cannot replace a non-empty folder
-            os.replace(target, trash)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if trash.exists() and not target.exists():
-                os.replace(trash, target)  # put back what was there
-            raise
-    finally:
-        for leftover in (staging, trash):
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            elif leftover.exists():
-                leftover.unlink()
+        with staged(target, folder=folder, overwrite=overwrite) as staging:
+            yield staging
+    except FileExistsError as e:  # refused up front: nothing was written
+        hint = "" if overwrite else " (pass overwrite=True to replace it)"
+        raise WeightsError(f"{e}{hint}") from None
 
 
 def _save(state: dict[str, np.ndarray], file: Path) -> None:

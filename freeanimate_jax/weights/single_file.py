@@ -20,15 +20,14 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
-import uuid
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import jax.numpy as jnp
 
+from freeanimate_jax.io.atomic import staged
 from freeanimate_jax.weights.convert import WeightsError
 from freeanimate_jax.weights.loader import read_torch_pickle, resolve_folder
 from freeanimate_jax.weights.pipeline import (
@@ -172,24 +171,12 @@ def _convert(checkpoint: Path, config_root: Path, out: Path, what: Path) -> None
         pipe.save_pretrained(str(out), safe_serialization=True)
 
 
-def _publish(staging: Path, entry: Path) -> None:
-    """Rename the finished staging folder to `entry`; a complete entry that appeared meanwhile
-    (another process converted the same file) wins and `staging` is dropped."""
-    if entry.exists() and not is_complete(entry):
-        shutil.rmtree(entry, ignore_errors=True)  # an interrupted earlier attempt
-    try:
-        staging.rename(entry)
-    except OSError:
-        if not is_complete(entry):
-            raise
-
-
 def _build_entry(path: Path, config_root: Path, entry: Path) -> None:
-    """Convert `path` into the diffusers folder `entry`, atomically."""
+    """Convert `path` into the diffusers folder `entry`, atomically: an interrupted earlier
+    attempt is replaced, a complete entry that another process published meanwhile is kept."""
     entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = entry.parent / f".{entry.name}.staging-{uuid.uuid4().hex}"
-    staging.mkdir()
-    try:
+    with tempfile.TemporaryDirectory(dir=entry.parent, prefix=f".{entry.name}.scratch-") as tmp, \
+            staged(entry, folder=True, complete=is_complete) as model_dir:
         source = path
         if path.suffix.lower() in PICKLE_SUFFIXES:
             # Loaded here with weights_only=True and rewritten as safetensors, so diffusers
@@ -202,18 +189,14 @@ def _build_entry(path: Path, config_root: Path, entry: Path) -> None:
             # clone: tensors of a pickle may share storage, which safetensors refuses
             state = {k: v.detach().clone().contiguous() for k, v in state.items()
                      if k.startswith(prefixes)}
-            source = staging / "checkpoint.safetensors"
+            source = Path(tmp) / "checkpoint.safetensors"
             save_file(state, str(source))
             del state
-        model_dir = staging / "model"
         _convert(source, config_root, model_dir, path)
         st = path.stat()
         (model_dir / MARKER).write_text(json.dumps({
             "format": FORMAT, "source": path.name, "size": st.st_size,
             "mtime_ns": st.st_mtime_ns, "config": str(config_root)}))
-        _publish(model_dir, entry)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def resolve_config(config: str | Path) -> Path:
