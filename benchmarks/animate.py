@@ -82,8 +82,8 @@ FAMILIES = {
 # name contained in the device name wins, so the specific variants come first.
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0}
 
-STAGES = ("text", "encode", "reference inversion", "preview", "preview inversion", "denoise",
-          "decode")
+STAGES = ("text encoder", "VAE encode", "reference inversion", "preview reference inversion",
+          "preview", "preview inversion", "denoise", "VAE decode", "preview decode")
 
 
 def log(msg: str) -> None:
@@ -98,16 +98,17 @@ def count_evals(s: AnimateSettings) -> dict[str, dict[str, int]]:
     `pipelines/animate.py`): `unet_cn` are UNet+ControlNet evaluations over all frames,
     `unet_only` UNet evaluations of the reference latent (batch 1)."""
     steps, preview = s.steps, s.preview_steps
-    branches = 1 if s.guidance_scale == 1.0 else 2  # classifier-free guidance: cond + uncond
+    branches = 2 if s.cfg else 1  # classifier-free guidance: cond + uncond
     # `recompute` reruns the preview branch at the steps where IBA is on (a lax.cond, so only
     # those steps pay); with no IBA layer the rerun captures nothing and XLA drops it.
     reruns = min(steps, round(s.iba_until * steps)) \
         if s.cache_mode == "recompute" and s.iba_layers else 0
     return {
         "reference inversion": {"unet_cn": 0, "unet_only": steps},
-        # A preview schedule of its own needs its own reference inversion, timed with the
-        # preview (the pipeline does not lap it separately).
-        "preview": {"unet_cn": preview * branches, "unet_only": 0 if preview == steps else preview},
+        # A preview schedule of its own needs its own reference inversion.
+        "preview reference inversion": {"unet_cn": 0, "unet_only": 0 if preview == steps
+                                        else preview},
+        "preview": {"unet_cn": preview * branches, "unet_only": 0},
         "preview inversion": {"unet_cn": steps, "unet_only": 0},
         "denoise": {"unet_cn": steps * branches + reruns, "unet_only": 0},
     }

@@ -1,5 +1,5 @@
 import sys
 
-from freeanimate_jax.fit.cli import main
+from freeanimate_jax.cli.fit import main
 
 sys.exit(main(sys.argv[1:]))

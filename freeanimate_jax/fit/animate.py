@@ -1,7 +1,8 @@
 """`freeanimate fit animate`: does FreeAnimate fit a TPU slice? Answered ahead of time.
 
-The models are built abstractly (shapes only: no download, no init); every stage is lowered
-with the shapes and shardings `FreeAnimate.__call__` gives it (see `core.Fitter`).
+The models are built abstractly (shapes only: no download, no init); the plan is the one
+`FreeAnimate.__call__` runs, its buffers shaped and placed by the pipeline's own
+`input_specs`, every stage lowered through the entry the run uses (see `core.Fitter`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 
-from freeanimate_jax.fit.core import Fitter, GiB, chips_text, format_table
+from freeanimate_jax.fit.core import Fitter, GiB, chips_text, format_table, size_text
 
 STAGES = ("text encoder", "VAE encode", "reference inversion", "preview reference inversion",
           "preview", "preview inversion", "denoise", "VAE decode")
@@ -47,8 +48,9 @@ def iba_cache(models, settings, latent_hw: tuple[int, int], dtype) -> dict:
     ctx_dim = models.unet.config["cross_attention_dim"]
 
     def hidden(state, z, t, ctx):
-        _, cap = unet.bind(state)(z, t, ctx, attn=AttnControl(capture_hidden=settings.iba_layers))
-        return {p: c["hidden"] for p, c in cap.items()}
+        ctrl = AttnControl(capture_hidden=settings.iba_layers)
+        unet.bind(state)(z, t, ctx, attn=ctrl)
+        return {p: c["hidden"] for p, c in ctrl.captured.items()}
 
     shapes = jax.eval_shape(hidden, unet.state, jax.ShapeDtypeStruct((1, h, w, 4), dtype),
                             jax.ShapeDtypeStruct((), jnp.int32),
@@ -71,56 +73,26 @@ def iba_cache(models, settings, latent_hw: tuple[int, int], dtype) -> dict:
     }
 
 
-def fit_animate(topology: str, frames: int, size: int, settings, *, tiny: bool = False,
-                hbm_gib: float | None = None, only: set[str] | None = None,
+def fit_animate(topology: str, frames: int, size_hw: tuple[int, int], settings, *,
+                tiny: bool = False, hbm_gib: float | None = None, only: set[str] | None = None,
                 log=lambda msg: None) -> dict:
-    """Lower every stage (later stages take earlier ones' output shapes) and compile those in
-    `only` (default: all); returns the report `format_report` prints."""
-    import jax
+    """Lower every stage of the plan (later stages take earlier ones' output shapes) and
+    compile those in `only` (default: all); returns the report `format_report` prints."""
     import jax.numpy as jnp
 
     from freeanimate_jax import parallel
     from freeanimate_jax.pipelines.animate import FreeAnimate
-    from freeanimate_jax.pipelines.common import Pure, encode_latents
 
     fit = Fitter(topology, hbm_gib=hbm_gib, only=only, log=log)
-    dtype = jnp.bfloat16
+    dtype, s = jnp.bfloat16, settings
     models = abstract_models(tiny, dtype)
-    s = settings
     fa = FreeAnimate(models, s, mesh=fit.mesh, progress=None)
-    vae = Pure.of(models.vae)
     n_pad, down = parallel.padded_frames(frames, fit.mesh), models.vae.downscale
-    h = w = size // down
-    place = fit.place
-    fit.live.update({
-        "unet": place(fa.unet.state, None), "controlnet": place(fa.cn.state, None),
-        "vae": place(vae.state, None),
-        "image": place(jax.ShapeDtypeStruct((1, size, size, 3), dtype), None),
-        "poses": place(jax.ShapeDtypeStruct((n_pad, size, size, 3), dtype), 0),
-        "noise": place(jax.ShapeDtypeStruct((n_pad, h, w, 4), dtype), 0), "no cache": {}})
-    fit.text_encoder_stage(models.text_encoder, s.clip_skip, dtype)
-    fit.stage("VAE encode", jax.jit(lambda p, x: encode_latents(vae.bind(p), x)),
-              ["vae", "image"], [("z_ref", None)])
-    fit.stage("reference inversion", fa.stages["reference inversion"],
-              ["unet", "z_ref", "ctx_c"], [("anchors", None)])
-    preview_anchors = "anchors"
-    if s.preview_steps != s.steps:
-        preview_anchors = "preview anchors"
-        fit.stage("preview reference inversion", fa.stages["preview reference inversion"],
-                  ["unet", "z_ref", "ctx_c"], [(preview_anchors, None)])
-    weights = ["unet", "controlnet"]
-    fit.stage("preview", fa.stages["preview"],
-              weights + ["noise", "poses", "ctx_c", "ctx_u", preview_anchors, "no cache"],
-              [("z_pre", 0)])
-    fit.stage("preview inversion", fa.stages["preview inversion"],
-              weights + ["z_pre", "poses", "ctx_c", "anchors"], [("z_t", 0), ("cache", 1)])
-    fit.stage("denoise", fa.stages["denoise"],
-              weights + ["z_t", "poses", "ctx_c", "ctx_u", "anchors", "cache"], [("z0", 0)])
-    fit.vae_decode_stage(vae, "z0", s.vae_chunk)
-
-    per_step = iba_cache(models, s, (h, w), dtype)
+    fit.add(fa.input_specs(frames, size_hw, s))
+    fit.run(fa.plan(s))
+    per_step = iba_cache(models, s, (size_hw[0] // down, size_hw[1] // down), dtype)
     return fit.report(
-        pipeline="animate", frames=frames, padded_frames=n_pad, size=size, tiny=tiny,
+        pipeline="animate", frames=frames, padded_frames=n_pad, size=list(size_hw), tiny=tiny,
         settings=dataclasses.asdict(s),
         cache={"mode": s.cache_mode, "layers": per_step["layers"],
                "bytes_per_frame_step": {m: per_step[m] for m in ("hidden", "maps",
@@ -135,7 +107,7 @@ def format_report(r: dict) -> str:
     per = c["bytes_per_frame_step"]
     title = (f"FreeAnimate on {r['topology']} ({chips_text(r)}, {r['hbm_bytes'] / GiB:.2f} "
              f"GiB usable per chip): {r['frames']} frames ({r['padded_frames']} computed) at "
-             f"{r['size']}px, {r['settings']['steps']} steps, cache_mode="
+             f"{size_text(r['size'])}, {r['settings']['steps']} steps, cache_mode="
              f"{c['mode']}{', tiny models' if r['tiny'] else ''}")
     notes = [
         "IBA cache per frame per step: " + ", ".join(

@@ -12,8 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import types
-import typing
+from typing import Any
 
 TOPOLOGIES = {  # friendly name -> (libtpu topology, its options, chip family)
     "v5e-1": ("v5e:1x1", {}, "v5e"),
@@ -32,10 +31,6 @@ HBM_GIB = {"v5e": (16, 15.75), "v4": (32, 30.75), "v5p": (95, 95.73), "v6e": (32
 GiB = 2 ** 30
 
 
-class UsageError(Exception):
-    """Bad arguments: one line on stderr, exit 2."""
-
-
 @dataclasses.dataclass
 class StageFit:
     name: str
@@ -47,6 +42,7 @@ class StageFit:
     resident: int = 0  # other live buffers of the pipeline while this stage runs (see below)
     compile_s: float = 0.0
     error: str | None = None
+    repeats: list[str] = dataclasses.field(default_factory=list)  # later stages, same program
 
     @property
     def total(self) -> int:
@@ -59,46 +55,16 @@ class StageFit:
         return self.total + self.resident
 
 
-def parse_settings(cls, items: list[str]):
-    """`key=value` overrides of the settings dataclass `cls`, coerced by each field's type."""
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or key not in hints:
-            raise UsageError(f"unknown setting {item!r}; expected key=value with key one of "
-                             f"{', '.join(hints)}")
-        try:
-            values[key] = _coerce(text, hints[key])
-        except ValueError as e:
-            raise UsageError(f"setting {key}={text!r}: {e}") from e
-    try:
-        return cls(**values)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-
-
-def _coerce(text: str, hint):
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) and type(None) in args:  # e.g. clip_skip: int | None
-        if text.lower() in ("", "none", "null"):
-            return None
-        hint = next(a for a in args if a is not type(None))
-    if typing.get_origin(hint) is tuple:
-        return tuple(p.strip() for p in text.split(",") if p.strip())
-    if hint is bool:
-        low = text.lower()
-        if low not in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            raise ValueError("expected true or false")
-        return low in ("true", "1", "yes", "on")
-    return hint(text)  # int, float, str
-
-
 class Fitter:
-    """One pipeline's stages on one topology. `live` holds, by name, every abstract buffer the
+    """One pipeline's plan on one topology. `live` holds, by name, every abstract buffer the
     pipeline keeps alive (weights for the whole call, each stage's results until the call
     returns); a stage's peak is its own compiled footprint plus the live buffers it does not
-    take as arguments."""
+    take as arguments.
+
+    Stages are lowered with `Stage.lower`, the entry the run calls them through (the same
+    mesh context, the pipeline's own runtime policy): nothing is added here. A stage whose
+    program and arguments equal an earlier one's (the preview's VAE decode) is the same compiled
+    executable in the run: it is not compiled again, and its peak is counted in that row."""
 
     def __init__(self, topology: str, *, hbm_gib: float | None = None,
                  only: set[str] | None = None, log=lambda msg: None):
@@ -112,20 +78,24 @@ class Fitter:
             devices=topologies.get_topology_desc(name, "tpu", **options).devices)
         self.hbm = int((hbm_gib if hbm_gib is not None else HBM_GIB[family][1]) * GiB)
         self.only, self.log = only, log
-        self.live: dict = {"nothing": None}
+        self.live: dict = {}
         self.fits: list[StageFit] = []
+        self._seen: dict[Any, StageFit] = {}
 
     def place(self, tree, axis: int | None):
-        """Abstract arrays as a pipeline holds them: frames sharded on `axis`, or replicated
-        (weights, prompts, references)."""
+        """Abstract arrays as a pipeline holds them (`core.placement`: frames sharded on
+        `axis`, or replicated)."""
         import jax
 
-        from freeanimate_jax import parallel
+        from freeanimate_jax.pipelines.core import placement
 
-        rep = parallel.replicated(self.mesh)
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-            a.shape, a.dtype, sharding=rep if axis is None
-            else parallel.frame_sharding(self.mesh, len(a.shape), axis)), tree)
+            a.shape, a.dtype, sharding=placement(self.mesh, len(a.shape), axis)), tree)
+
+    def add(self, buffers: dict[str, tuple[Any, int | None]]) -> None:
+        """Named abstract buffers, each (shapes, frame axis or None), placed on the mesh."""
+        for key, (tree, axis) in buffers.items():
+            self.live[key] = self.place(tree, axis)
 
     @staticmethod
     def per_chip(tree) -> int:
@@ -135,62 +105,49 @@ class Fitter:
         return sum(math.prod(a.sharding.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize
                    for a in jax.tree.leaves(tree))
 
-    def stage(self, label: str, fn, inputs: list[str],
-              outputs: list[tuple[str, int | None]]) -> None:
-        """Lower `fn` on the live buffers named `inputs`, record its outputs under their names
-        (sharded on the frame axis given, or replicated), and compile it unless `only`
-        leaves it out."""
+    def run(self, plan) -> None:
+        for step in plan:
+            self.stage(step)
+
+    def stage(self, step) -> None:
+        """Lower `step` on the live buffers it names, record its outputs under their names
+        (sharded on the frame axis given, or replicated), and compile it unless `only` leaves
+        it out."""
         import jax
 
-        from freeanimate_jax.models.attention import use_kernel
-
+        label, args = step.name, [self.live[k] for k in step.inputs]
         st = StageFit(label, resident=sum(self.per_chip(v) for k, v in self.live.items()
-                                          if k not in inputs))
+                                          if k not in step.inputs))
         self.log(f"{label}: lowering")
         clock = time.perf_counter()
-        with use_kernel("tpu_flash"), jax.set_mesh(self.mesh):
-            lowered = fn.lower(*(self.live[k] for k in inputs))
-            out = lowered.out_info if len(outputs) > 1 else (lowered.out_info,)
-            for (key, axis), tree in zip(outputs, out, strict=True):
-                self.live[key] = self.place(tree, axis)
-            if self.only is not None and label not in self.only:
-                return
-            self.fits.append(st)
-            self.log(f"{label}: compiling (lowered in {time.perf_counter() - clock:.0f}s)")
-            try:
-                mem = lowered.compile().memory_analysis()
-            except Exception as e:  # the compiler's HBM check, or anything else it refuses
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                oom = "RESOURCE_EXHAUSTED" in first or "memory" in first.lower()
-                st.error = f"{'does not fit' if oom else 'compile error'}: {first}"
-            else:
-                st.args, st.temps = mem.argument_size_in_bytes, mem.temp_size_in_bytes
-                st.outputs, st.alias = mem.output_size_in_bytes, mem.alias_size_in_bytes
-                st.code = mem.generated_code_size_in_bytes
+        lowered = step.stage.lower(*args)
+        out = lowered.out_info if len(step.outputs) > 1 else (lowered.out_info,)
+        for (key, axis), tree in zip(step.outputs, out, strict=True):
+            self.live[key] = self.place(tree, axis)
+        key = (step.stage.fn, step.stage.program, str(jax.tree.map(
+            lambda a: (a.shape, a.dtype, a.sharding), args)))
+        if (first := self._seen.get(key)) is not None:  # the run reuses that executable
+            first.repeats.append(label)
+            first.resident = max(first.resident, st.resident)
+            self.log(f"{label}: the program of {first.name} again")
+            return
+        if self.only is not None and label not in self.only:
+            return
+        self.fits.append(st)
+        self._seen[key] = st
+        self.log(f"{label}: compiling (lowered in {time.perf_counter() - clock:.0f}s)")
+        try:
+            mem = lowered.compile().memory_analysis()
+        except Exception as e:  # the compiler's HBM check, or anything else it refuses
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            oom = "RESOURCE_EXHAUSTED" in first_line or "memory" in first_line.lower()
+            st.error = f"{'does not fit' if oom else 'compile error'}: {first_line}"
+        else:
+            st.args, st.temps = mem.argument_size_in_bytes, mem.temp_size_in_bytes
+            st.outputs, st.alias = mem.output_size_in_bytes, mem.alias_size_in_bytes
+            st.code = mem.generated_code_size_in_bytes
         st.compile_s = time.perf_counter() - clock
         self.log(f"{label}: {st.error or f'{st.peak / GiB:.2f} GiB'} ({st.compile_s:.0f}s)")
-
-    def text_encoder_stage(self, text_encoder, clip_skip: int | None, dtype) -> None:
-        """Prompt and negative prompt -> `ctx_c`, `ctx_u` (1, 77, D), as both pipelines do."""
-        import jax
-        import jax.numpy as jnp
-
-        from freeanimate_jax.pipelines.common import Pure
-
-        te = Pure.of(text_encoder)
-        self.live["text encoder"] = self.place(te.state, None)
-        self.live["ids"] = self.place(jax.ShapeDtypeStruct((2, 77), jnp.int32), None)
-        self.stage("text encoder", jax.jit(lambda p, ids: tuple(
-            te.bind(p)(ids, clip_skip=clip_skip).astype(dtype)[:, None])),
-            ["text encoder", "ids"], [("ctx_c", None), ("ctx_u", None)])
-
-    def vae_decode_stage(self, vae, latents: str, chunk: int | None) -> None:
-        import jax
-
-        from freeanimate_jax.pipelines.common import decode_latents, vae_to_images
-
-        self.stage("VAE decode", jax.jit(lambda p, z: vae_to_images(
-            decode_latents(vae.bind(p), z, chunk))), ["vae", latents], [("frames", 0)])
 
     def report(self, **fields) -> dict:
         ok = all(st.error is None and st.peak <= self.hbm for st in self.fits)
@@ -231,6 +188,10 @@ def format_table(r: dict, title: str, notes: list[str]) -> str:
     lines.append(f"generated code: {gib(sum(st['code'] for st in r['stages'])).strip()} GiB "
                  f"per chip over these stages")
     return "\n".join([*lines, *notes, r["verdict"]])
+
+
+def size_text(size: list[int]) -> str:
+    return f"{size[0]}px" if size[0] == size[1] else f"{size[0]}x{size[1]}px"
 
 
 def chips_text(r: dict) -> str:

@@ -28,10 +28,12 @@ from freeanimate_jax.models.attention import AttnControl, LayerInputs, Runtime
 from freeanimate_jax.pipelines.common import frame_noise, images_to_vae
 from freeanimate_jax.pipelines.core import (
     FRAMES_4D,
+    TOKENS,
     CallValues,
     Sampler,
     Step,
     VaeProgram,
+    abstract,
     call_values,
     compiled,
     denoise_step,
@@ -286,10 +288,12 @@ class FreeAnimate(Sampler):
                 "denoise call": (call_values(s, s.steps, until=iba), None),
                 "no cache": ({}, None)}
 
-    def inputs(self, reference: np.ndarray, poses: np.ndarray, prompt: str,
-               s: AnimateSettings, latents: Array | np.ndarray | None = None
-               ) -> dict[str, Any]:
-        """Every buffer of the plan, placed on the mesh."""
+    def host_inputs(self, reference: np.ndarray, poses: np.ndarray, ids: np.ndarray,
+                    s: AnimateSettings, latents: Array | np.ndarray | None = None
+                    ) -> dict[str, tuple[Any, int | None]]:
+        """The plan's input buffers as (value, frame axis or None), before placement: token ids
+        of (prompt, negative prompt), the reference, the preview's noise (frames padded to the
+        mesh), the control images and the call-time values."""
         n, size_hw = poses.shape[0], tuple(poses.shape[1:3])
         n_pad = parallel.padded_frames(n, self.mesh)
         if n_pad != n and self.models.unet.has_motion:
@@ -303,13 +307,21 @@ class FreeAnimate(Sampler):
             if tuple(np.shape(latents)) != want:
                 raise ValueError(f"latents of shape {tuple(np.shape(latents))}; expected {want} "
                                  f"(frames, latent height, latent width, channels)")
-            noise = parallel.pad_frames(np.asarray(latents), n_pad).astype(self.dtype)
+            noise = jnp.asarray(parallel.pad_frames(np.asarray(latents), n_pad), self.dtype)
         pose_in = jnp.asarray(parallel.pad_frames(poses, n_pad), jnp.float32).astype(
             self.dtype) / 255.0
-        host = {"ids": (self.token_ids(prompt, s.negative_prompt), None),
-                "reference": (images_to_vae(reference[None], self.dtype), None),
+        return {"ids": (ids, None), "reference": (images_to_vae(reference[None], self.dtype), None),
                 "noise": (noise, 0), "poses": (pose_in, 0), **self.call_inputs(s)}
-        return {**self.weights(), **{k: self.place(v, axis) for k, (v, axis) in host.items()}}
+
+    def input_specs(self, frames: int, size_hw: tuple[int, int], s: AnimateSettings
+                    ) -> dict[str, tuple[Any, int | None]]:
+        """Shapes, dtypes and placement of every buffer of the plan for `frames` frames at
+        `size_hw` (what `fit` lowers), from `host_inputs` itself."""
+        host = self.host_inputs(np.zeros((*size_hw, 3), np.uint8),
+                                np.zeros((frames, *size_hw, 3), np.uint8),
+                                np.zeros((2, TOKENS), np.int32), s)
+        weights = {k: (v, None) for k, v in self.weights().items()}
+        return {k: (abstract(v), axis) for k, (v, axis) in {**weights, **host}.items()}
 
     def __call__(self, reference: np.ndarray, poses: np.ndarray, prompt: str = "", *,
                  latents: Array | np.ndarray | None = None, **settings: Any) -> AnimateResult:
@@ -318,7 +330,9 @@ class FreeAnimate(Sampler):
         any `AnimateSettings` field, for this call only."""
         s = self.settings.with_call(**settings)
         n, timings = poses.shape[0], {}
-        buffers = execute(self.plan(s), self.inputs(reference, poses, prompt, s, latents),
-                          self.progress, timings)
+        host = self.host_inputs(reference, poses, self.token_ids(prompt, s.negative_prompt), s,
+                                latents)
+        buffers = {**self.weights(), **{k: self.place(v, axis) for k, (v, axis) in host.items()}}
+        execute(self.plan(s), buffers, self.progress, timings)
         return AnimateResult(self.to_host(buffers["frames"], n),
                              self.to_host(buffers["preview frames"], n), timings)

@@ -51,6 +51,7 @@ from freeanimate_jax.pipelines.settings import SamplingSettings
 Array = jax.Array
 FRAMES_4D = ("frames", None, None, None)
 MODEL_NAMES = ("unet", "controlnet", "vae", "text_encoder")
+TOKENS = 77  # CLIP's padded prompt length: the text encoder's compiled shape
 
 
 # -- stages and plans -------------------------------------------------------------------------
@@ -222,8 +223,16 @@ def call_values(s: SamplingSettings, steps: int, *, reverse: bool = False,
 
 
 def abstract(tree) -> Any:
-    """Shapes and dtypes of a pytree of host values (for fit)."""
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), tree)
+    """Shapes and dtypes of a pytree of values (for fit)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tree)
+
+
+def placement(mesh, ndim: int, axis: int | None):
+    """Where a stage input lives on `mesh`: frames sharded on `axis`, or replicated (None).
+    The run (`Sampler.place`) and fit (`Fitter.place`) both place buffers by this."""
+    if axis is None:
+        return parallel.replicated(mesh)
+    return parallel.frame_sharding(mesh, ndim, axis)
 
 
 # -- the model evaluation every pipeline makes ------------------------------------------------
@@ -281,8 +290,10 @@ class Sampler:
         return self.pure[name].graphdef if name in self.pure else None
 
     def weights(self) -> dict[str, Any]:
-        """The weight buffers of a plan, by model name (None for an absent model)."""
-        return {k: self.pure[k].state if k in self.pure else None for k in MODEL_NAMES}
+        """The weight buffers of a plan, by model name (None for an absent model, and for the
+        name "no model": a stage told to run without one)."""
+        return {**{k: self.pure[k].state if k in self.pure else None for k in MODEL_NAMES},
+                "no model": None}
 
     def stage(self, name: str, fn: Callable, program: Any, steps: int = 0, *,
               eager: bool = False) -> Stage:
@@ -293,9 +304,8 @@ class Sampler:
         replicated (`axis` None)."""
         if self.mesh is None:
             return jax.tree.map(jnp.asarray, value)
-        if axis is None:
-            return parallel.replicate(value, self.mesh)
-        return parallel.shard_frames(value, self.mesh, axis)
+        return jax.tree.map(lambda a: jax.device_put(a, placement(self.mesh, np.ndim(a), axis)),
+                            value)
 
     def text_step(self, s: SamplingSettings) -> Step:
         program = TextProgram(self.graph("text_encoder"), s.clip_skip, self.dtype)

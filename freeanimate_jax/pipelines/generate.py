@@ -22,9 +22,11 @@ from freeanimate_jax.models.attention import AttnControl, Runtime
 from freeanimate_jax.pipelines.common import frame_noise
 from freeanimate_jax.pipelines.context import blend, freenoise_order, make_windows
 from freeanimate_jax.pipelines.core import (
+    TOKENS,
     CallValues,
     Sampler,
     Step,
+    abstract,
     call_values,
     compiled,
     denoise_step,
@@ -121,7 +123,7 @@ class Generate(Sampler):
                                s.window_batch, s.cfg, s.eta > 0, self.display)
         return [self.text_step(s),
                 Step(self.stage("denoise", video_denoise, program, s.steps),
-                     ("unet", "controlnet" if controlled else "no controlnet", "noise", "ctx_c",
+                     ("unet", "controlnet" if controlled else "no model", "noise", "ctx_c",
                       "ctx_u", "poses", "denoise call"), (("z0", 0),)),
                 self.decode_step(s, "z0")]
 
@@ -141,9 +143,10 @@ class Generate(Sampler):
         order = freenoise_order(s.frames, s.context_length, s.context_stride, seed)
         return base[jnp.asarray(order)]
 
-    def inputs(self, prompt: str, size_hw: tuple[int, int], s: GenerateSettings,
-               poses: np.ndarray | None, latents: Array | np.ndarray | None) -> dict[str, Any]:
-        """Every buffer of the plan, placed on the mesh."""
+    def host_inputs(self, ids: np.ndarray, size_hw: tuple[int, int], s: GenerateSettings,
+                    poses: np.ndarray | None, latents: Array | np.ndarray | None = None
+                    ) -> dict[str, tuple[Any, int | None]]:
+        """The plan's input buffers as (value, frame axis or None), before placement."""
         if poses is not None and len(poses) != s.frames:
             raise ValueError(f"{len(poses)} control frames for a {s.frames}-frame video")
         if latents is None:
@@ -155,10 +158,17 @@ class Generate(Sampler):
                                  f"(frames, latent height, latent width, channels)")
             z = jnp.asarray(latents, self.dtype)
         pose_in = None if poses is None else jnp.asarray(poses, self.dtype) / 255.0
-        host = {"ids": (self.token_ids(prompt, s.negative_prompt), None), "noise": (z, 0),
-                "poses": (pose_in, 0), "denoise call": (call_values(s, s.steps), None)}
-        buffers = {k: self.place(v, axis) for k, (v, axis) in host.items()}
-        return {**self.weights(), "no controlnet": None, **buffers}
+        return {"ids": (ids, None), "noise": (z, 0), "poses": (pose_in, 0),
+                "denoise call": (call_values(s, s.steps), None)}
+
+    def input_specs(self, size_hw: tuple[int, int], s: GenerateSettings, controlled: bool
+                    ) -> dict[str, tuple[Any, int | None]]:
+        """Shapes, dtypes and placement of every buffer of the plan (what `fit` lowers), from
+        `host_inputs` itself."""
+        poses = np.zeros((s.frames, *size_hw, 3), np.uint8) if controlled else None
+        host = self.host_inputs(np.zeros((2, TOKENS), np.int32), size_hw, s, poses)
+        weights = {k: (v, None) for k, v in self.weights().items()}
+        return {k: (abstract(v), axis) for k, (v, axis) in {**weights, **host}.items()}
 
     def __call__(self, prompt: str, size_hw: tuple[int, int], poses: np.ndarray | None = None,
                  *, latents: Array | np.ndarray | None = None, **settings: Any
@@ -170,9 +180,10 @@ class Generate(Sampler):
         parallel.check_frames(s.frames, self.mesh, "generate")
         controlled = poses is not None and "controlnet" in self.pure
         timings: dict[str, float] = {}
-        buffers = execute(self.plan(s, controlled),
-                          self.inputs(prompt, size_hw, s, poses if controlled else None,
-                                      latents), self.progress, timings)
+        host = self.host_inputs(self.token_ids(prompt, s.negative_prompt), size_hw, s,
+                                poses if controlled else None, latents)
+        buffers = {**self.weights(), **{k: self.place(v, axis) for k, (v, axis) in host.items()}}
+        execute(self.plan(s, controlled), buffers, self.progress, timings)
         timings["total"] = sum(timings.values())
         return GenerateResult(self.to_host(buffers["frames"]), timings)
 

@@ -37,6 +37,8 @@ class SamplingSettings:
     CALL_TIME: ClassVar[tuple[str, ...]] = (
         "guidance_scale", "negative_prompt", "eta", "seed", "controlnet_scale",
         "controlnet_start", "controlnet_end")
+    # Listed first where the fields are shown (config sections, help, errors): what sizes a run.
+    FIRST: ClassVar[tuple[str, ...]] = ("steps",)
 
     steps: int = 25
     guidance_scale: float = 7.5
@@ -50,8 +52,6 @@ class SamplingSettings:
     clip_skip: int | None = None
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps={self.steps} must be at least 1")
         for name in ("controlnet_start", "controlnet_end"):
             _fraction(self, name)
         if self.controlnet_start >= self.controlnet_end:
@@ -78,6 +78,13 @@ class SamplingSettings:
                       if f.name not in self.CALL_TIME)
         return (*fixed, ("cfg", self.cfg), ("eta_noise", self.eta > 0))
 
+    @classmethod
+    def ordered_fields(cls) -> list[dataclasses.Field]:
+        """The fields, `FIRST` first, the rest in declaration order."""
+        fields = dataclasses.fields(cls)
+        return sorted(fields, key=lambda f: cls.FIRST.index(f.name) if f.name in cls.FIRST
+                      else len(cls.FIRST))
+
     def with_call(self, **changes) -> SamplingSettings:
         """These settings with per-call `changes` (any field; unknown names are an error)."""
         names = {f.name for f in dataclasses.fields(self)}
@@ -99,6 +106,7 @@ class AnimateSettings(SamplingSettings):
 
     CALL_TIME: ClassVar[tuple[str, ...]] = (*SamplingSettings.CALL_TIME, "iba_until",
                                             "ra_sa_until")
+    FIRST: ClassVar[tuple[str, ...]] = ("steps", "preview_steps")
 
     preview_steps: int = 25
     # Spatial self-attention only: `attentions` excludes motion modules' temporal layers.
@@ -109,11 +117,11 @@ class AnimateSettings(SamplingSettings):
     cache_mode: str = "hidden"
 
     def __post_init__(self) -> None:
+        if self.steps < 1 or self.preview_steps < 1:
+            raise ValueError("steps and preview_steps must be at least 1")
         super().__post_init__()
         if self.cache_mode not in CACHE_MODES:
             raise ValueError(f"cache_mode={self.cache_mode!r}; expected one of {CACHE_MODES}")
-        if self.preview_steps < 1:
-            raise ValueError(f"preview_steps={self.preview_steps} must be at least 1")
         for name in ("iba_until", "ra_sa_until"):
             _fraction(self, name)
 
@@ -122,15 +130,17 @@ class AnimateSettings(SamplingSettings):
 class GenerateSettings(SamplingSettings):
     """AnimateDiff text-to-video, optionally with a per-frame ControlNet and context windows."""
 
+    FIRST: ClassVar[tuple[str, ...]] = ("frames", "steps")
+
     frames: int = 16
     context_length: int | None = None  # None: no windows (frames must fit the position table)
     context_stride: int = 4
     window_batch: int = 1  # windows per UNet call: memory against speed
 
     def __post_init__(self) -> None:
+        if self.frames < 1 or self.steps < 1:
+            raise ValueError("frames and steps must be at least 1")
         super().__post_init__()
-        if self.frames < 1:
-            raise ValueError(f"frames={self.frames} must be at least 1")
         if self.window_batch < 1:
             raise ValueError(f"window_batch={self.window_batch} must be at least 1")
         if self.context_length is not None and self.context_length < 1:
