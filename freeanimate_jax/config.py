@@ -1,5 +1,6 @@
-"""Job configuration of `freeanimate animate` and `freeanimate generate`: typed frozen
-dataclasses, YAML files and `key=value` overrides.
+"""Job configuration of `freeanimate animate`, `generate` and `fit`: typed frozen dataclasses,
+YAML files and `key=value` overrides. Free of JAX: the command line checks its arguments with
+it before any device work.
 
 Layers, later wins: the dataclass defaults, an optional `base` mapping (the demo's defaults),
 the YAML file, `flags` (the CLI's typed options such as --prompt) and finally the `key=value`
@@ -28,9 +29,8 @@ from typing import Any, ClassVar, List, Optional, Union  # noqa: UP035 (omegacon
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from freeanimate_jax.diffusion.ddim import SchedulerConfig
-from freeanimate_jax.pipelines.animate import AnimateSettings
-from freeanimate_jax.pipelines.generate import GenerateSettings
+from freeanimate_jax.diffusion.scheduler_config import SchedulerConfig
+from freeanimate_jax.pipelines.settings import AnimateSettings, GenerateSettings
 
 SD15_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 OPENPOSE_CONTROLNET = "lllyasviel/control_v11p_sd15_openpose"
@@ -71,7 +71,8 @@ def _section(name: str, settings: type, *, overrides: bool = False) -> type:
     field optional and null by default (only the keys set replace another config's)."""
     hints = typing.get_type_hints(settings)
     fields = []
-    for f in dataclasses.fields(settings):
+    ordered = getattr(settings, "ordered_fields", lambda: dataclasses.fields(settings))
+    for f in ordered():
         tp = _config_type(hints[f.name])
         if overrides:
             field = dataclasses.field(default=None)
@@ -344,7 +345,7 @@ def _validate(job: Job) -> None:
         raise ConfigError(f"dtype={job.dtype!r}; expected one of {', '.join(DTYPES)}")
     if job.sheet_rows < 1:
         raise ConfigError(f"sheet_rows={job.sheet_rows}; expected at least 1")
-    section = getattr(job, job.SECTION)
+    section = getattr(job, job.SECTION)  # named by its dotted key (the settings check it too)
     if section.vae_chunk < 1:
         raise ConfigError(f"{job.SECTION}.vae_chunk={section.vae_chunk}; expected at least 1")
     # The tiny family only fits itself; an empty controlnet (generate) is no ControlNet.

@@ -1,4 +1,10 @@
+"""Test set-up shared by every module: the CPU platform with 8 virtual devices, libtpu's
+ahead-of-time client, and the tiny model family as session fixtures (built once)."""
+
+import dataclasses
 import os
+
+import pytest
 
 # Tests run on the CPU in fp32; 8 virtual devices let sharding tests build real meshes.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -7,3 +13,35 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+
+
+@pytest.fixture(scope="session")
+def _tiny_family():
+    from freeanimate_jax.demo import tiny_models
+
+    return tiny_models(seed=0)
+
+
+@pytest.fixture(scope="session")
+def _tiny_motion_unet(_tiny_family):
+    from freeanimate_jax.demo import tiny_motion_adapter
+    from freeanimate_jax.models.motion import UNetMotionModel
+
+    return UNetMotionModel.from_unet2d(_tiny_family.unet, tiny_motion_adapter())
+
+
+@pytest.fixture(scope="session")
+def tiny(_tiny_family):
+    """`tiny()`: the tiny SD family + ControlNet (seed 0), in a fresh container a test may
+    change (the models themselves are shared: do not change their weights)."""
+    return lambda: dataclasses.replace(_tiny_family)
+
+
+@pytest.fixture(scope="session")
+def tiny_video(_tiny_family, _tiny_motion_unet):
+    """`tiny_video(controlnet=False)`: the tiny family with the tiny motion module inserted."""
+    def make(controlnet: bool = False):
+        return dataclasses.replace(_tiny_family, unet=_tiny_motion_unet,
+                                   controlnet=_tiny_family.controlnet if controlnet else None)
+
+    return make

@@ -1,6 +1,11 @@
-"""Shared test helpers: the parity tolerance, NCHW<->NHWC conversion, a NumPy RA-SA."""
+"""Shared test helpers: the parity tolerance, NCHW<->NHWC conversion, a NumPy RA-SA, folder
+listings, and a stand-in for FreeAnimate with instant, checkable output."""
+
+from pathlib import Path
 
 import numpy as np
+
+from freeanimate_jax.pipelines.animate import AnimateResult
 
 RTOL_SCALE = 1e-4  # max abs error <= 1e-4 * max(1, max|reference|)
 
@@ -41,3 +46,53 @@ def np_anchored_attention(layer, x, anchor, heads: int):
             head_outs.append((p / p.sum(-1, keepdims=True)) @ v[:, sl])
         outs.append(np.concatenate(head_outs, -1) @ wo + bo)
     return np.stack(outs)
+
+
+def listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+class FakeAnimate:
+    """FreeAnimate's interface with instant, checkable output."""
+
+    made: list["FakeAnimate"] = []
+    nan = False
+
+    def __init__(self, models, settings, *, mesh=None, progress=None):
+        self.models, self.settings, self.mesh, self.progress = models, settings, mesh, progress
+        FakeAnimate.made.append(self)
+
+    def __call__(self, reference, poses, prompt=""):
+        self.seen = (reference, poses, prompt)
+        if self.progress is not None:
+            self.progress.stage("denoise", 2)
+            self.progress("denoise", 0)
+            self.progress("denoise", 1)
+        frames = np.random.default_rng(0).random(poses.shape, dtype=np.float32)
+        if FakeAnimate.nan:
+            frames[1] = np.nan
+        return AnimateResult(frames, frames.copy(), {"denoise": 0.01})
+
+
+def lower_plan(plan, specs, mesh) -> dict[str, str]:
+    """Lower every step of a pipeline's plan on its `input_specs` as the run calls it (each
+    through `Stage.lower`, buffers placed by `core.placement`); returns each stage's compiled
+    HLO text."""
+    import jax
+
+    from freeanimate_jax.pipelines.core import placement
+
+    def place(tree, axis):
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+            a.shape, a.dtype, sharding=placement(mesh, len(a.shape), axis)), tree)
+
+    live = {k: place(v, axis) for k, (v, axis) in specs.items()}
+    texts = {}
+    for step in plan:
+        lowered = step.stage.lower(*(live[k] for k in step.inputs))
+        out = lowered.out_info if len(step.outputs) > 1 else (lowered.out_info,)
+        for (key, axis), tree in zip(step.outputs, out, strict=True):
+            live[key] = place(tree, axis)
+        if step.name not in texts:
+            texts[step.name] = lowered.compile().as_text()
+    return texts

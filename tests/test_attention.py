@@ -171,7 +171,9 @@ def test_tiny_unet_compiles_for_v5e_with_the_flash_kernel(tmp_path):
     from jax.sharding import PartitionSpec as P
 
     mesh = _v5e_mesh()
-    abstract = freeanimate_jax.weights.loader.build(
+    from freeanimate_jax.weights.loader import build
+
+    abstract = build(
         dict(tiny.SD1_UNET, _class_name="UNet2DConditionModel"), abstract=True,
         param_dtype=jnp.bfloat16)
     graphdef, state = nnx.split(abstract)

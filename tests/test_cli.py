@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -14,16 +15,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from freeanimate_jax import cli, cli_generate
+from freeanimate_jax import cli
+from freeanimate_jax.cli import run as cli_run
 from freeanimate_jax.io import read_video
 from freeanimate_jax.io import video as vio
 from freeanimate_jax.io.sheet import SEP
-from freeanimate_jax.pipelines.animate import AnimateResult
+from freeanimate_jax.pipelines import animate as animate_pipeline
 from freeanimate_jax.pose import demo_keypoints
-
-
-def listing(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+from freeanimate_jax.weights import assemble
+from tests.helpers import FakeAnimate, listing
 
 
 def count_files(root: Path) -> int:
@@ -86,33 +86,11 @@ def test_second_process_reuses_the_compilation_cache(demo_runs):
 
 
 # -- in-process runs with a stand-in pipeline ---------------------------------------------------
-class FakeAnimate:
-    """FreeAnimate's interface with instant, checkable output."""
-
-    made: list["FakeAnimate"] = []
-    nan = False
-
-    def __init__(self, models, settings, *, mesh=None, progress=None):
-        self.models, self.settings, self.mesh, self.progress = models, settings, mesh, progress
-        FakeAnimate.made.append(self)
-
-    def __call__(self, reference, poses, prompt=""):
-        self.seen = (reference, poses, prompt)
-        if self.progress is not None:
-            self.progress.stage("denoise", 2)
-            self.progress("denoise", 0)
-            self.progress("denoise", 1)
-        frames = np.random.default_rng(0).random(poses.shape, dtype=np.float32)
-        if FakeAnimate.nan:
-            frames[1] = np.nan
-        return AnimateResult(frames, frames.copy(), {"denoise": 0.01})
-
-
 @pytest.fixture
 def fake(monkeypatch):
     FakeAnimate.made, FakeAnimate.nan = [], False
-    monkeypatch.setattr(cli, "FreeAnimate", FakeAnimate)
-    monkeypatch.setattr(cli_generate, "load_models", lambda job, dtype: "models")
+    monkeypatch.setattr(animate_pipeline, "FreeAnimate", FakeAnimate)
+    monkeypatch.setattr(assemble, "load_models", lambda job, dtype: "models")
     return FakeAnimate
 
 
@@ -262,7 +240,7 @@ def test_failed_probe_reads_as_unwritable(inputs, capsys, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Read-only file system")
 
-    monkeypatch.setattr(cli.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
     rc, _, err = run(capsys, *base_args(inputs, "new/v.mp4"))
     assert rc == 2 and "output folder is not writable (PermissionError)" in err
     assert listing(inputs.out) == []  # the folder made for the run is gone again
@@ -297,7 +275,7 @@ def test_bugs_are_not_swallowed(inputs, capsys, monkeypatch):
     def broken(job, dtype):
         raise RuntimeError("a genuine bug")
 
-    monkeypatch.setattr(cli_generate, "load_models", broken)
+    monkeypatch.setattr(assemble, "load_models", broken)
     with pytest.raises(RuntimeError, match="a genuine bug"):
         cli.main([str(a) for a in base_args(inputs)])
     assert listing(inputs.out) == []
@@ -320,7 +298,7 @@ def test_write_files_atomic_is_all_or_nothing(tmp_path):
 
 def test_console_progress():
     log = io.StringIO()
-    p = cli.ConsoleProgress(stream=log)
+    p = cli_run.ConsoleProgress(stream=log)
     p.stage("denoise", 3)
     for step in range(3):
         p("denoise", step)
@@ -331,13 +309,13 @@ def test_console_progress():
             return True
 
     tty = Terminal()
-    p = cli.ConsoleProgress(stream=tty)
+    p = cli_run.ConsoleProgress(stream=tty)
     p.stage("preview", 4)
     for step in range(4):
         p("preview", step)
     assert "\rpreview: step 2/4  ETA " in tty.getvalue() and tty.getvalue().endswith("\n")
     quiet = io.StringIO()
-    p = cli.ConsoleProgress(enabled=False, stream=quiet)
+    p = cli_run.ConsoleProgress(enabled=False, stream=quiet)
     p.stage("preview", 1)
     p("preview", 0)
     p.say("hello")
@@ -346,9 +324,9 @@ def test_console_progress():
 
 def test_fit_is_delegated(monkeypatch):
     seen = []
-    module = types.ModuleType("freeanimate_jax.fit")
+    module = types.ModuleType("freeanimate_jax.cli.fit")
     module.main = lambda argv: seen.append(argv) or 7
-    monkeypatch.setitem(sys.modules, "freeanimate_jax.fit", module)
+    monkeypatch.setitem(sys.modules, "freeanimate_jax.cli.fit", module)
     assert cli.main(["fit", "animate", "--topology", "v5e-8"]) == 7
     assert seen == [["animate", "--topology", "v5e-8"]]
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -15,14 +16,18 @@ import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
-from freeanimate_jax import cli, cli_generate
+from freeanimate_jax import cli
+from freeanimate_jax.cli import run as cli_run
 from freeanimate_jax.demo import tiny_models, tiny_motion_adapter
 from freeanimate_jax.io import read_video
 from freeanimate_jax.io.sheet import SEP
 from freeanimate_jax.models.motion import UNetMotionModel
+from freeanimate_jax.pipelines import animate as animate_pipeline
+from freeanimate_jax.pipelines import generate as generate_pipeline
 from freeanimate_jax.pipelines.generate import GenerateResult
+from freeanimate_jax.weights import assemble
 from freeanimate_jax.weights.export import export_motion_adapter, export_original
-from tests.test_cli import FakeAnimate, listing
+from tests.helpers import FakeAnimate, listing
 
 # The demo subprocess and the MP4 reader (ffmpeg) fork+exec new programs, which share no locks
 # with this process: JAX's warning about forking a multithreaded process does not apply.
@@ -90,8 +95,8 @@ class FakeGenerate:
 @pytest.fixture
 def fake(monkeypatch):
     FakeGenerate.made = []
-    monkeypatch.setattr(cli_generate, "Generate", FakeGenerate)
-    monkeypatch.setattr(cli_generate, "load_models",
+    monkeypatch.setattr(generate_pipeline, "Generate", FakeGenerate)
+    monkeypatch.setattr(assemble, "load_models",
                         lambda job, dtype: types.SimpleNamespace(job=job, unet=None))
     return FakeGenerate
 
@@ -133,7 +138,7 @@ def test_generate_with_controlnet_and_poses(fake, out, capsys):
 def test_animate_with_a_motion_module(monkeypatch, out, capsys):
     # The real model assembly (tiny models, an exported adapter folder), a stand-in pipeline.
     FakeAnimate.made, FakeAnimate.nan = [], False
-    monkeypatch.setattr(cli, "FreeAnimate", FakeAnimate)
+    monkeypatch.setattr(animate_pipeline, "FreeAnimate", FakeAnimate)
     folder = export_motion_adapter(tiny_motion_adapter(), out / "adapter")
     rc, _, err = run(capsys, "animate", "--demo", "--motion-module", folder, "--quiet",
                      "--out", out / "out" / "v.npz", "compilation_cache=")
@@ -160,7 +165,7 @@ def test_single_file_model_with_a_motion_module_file(monkeypatch, out, capsys):
 
     monkeypatch.setattr(single_file, "load_single_file", fake_single_file)
     FakeGenerate.made = []
-    monkeypatch.setattr(cli_generate, "Generate", FakeGenerate)
+    monkeypatch.setattr(generate_pipeline, "Generate", FakeGenerate)
     (out / "model.safetensors").touch()
     module = export_original(tiny_motion_adapter(), out / "mm.safetensors")
     rc, _, err = run(capsys, "generate", "--prompt", "p", "--model", out / "model.safetensors",
@@ -262,7 +267,7 @@ def test_bad_input(case, out, capsys):
 
 def test_trace_time_position_error_is_a_user_error(out, capsys, monkeypatch):
     # Without the early check the UNet itself refuses while tracing: still one line, no files.
-    monkeypatch.setattr(cli_generate, "check_motion_window", lambda *a, **k: None)
+    monkeypatch.setattr(cli_run, "check_motion_window", lambda *a, **k: None)
     rc, _, err = run(capsys, "generate", *DEMO, "generate.frames=40", "--quiet",
                      "--out", out / "out" / "v.mp4", "compilation_cache=")
     assert rc == 2 and len(err.splitlines()) == 1, err
@@ -282,7 +287,7 @@ def test_unwritable_output_folder(out, capsys, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Read-only file system")
 
-    monkeypatch.setattr(cli.tempfile, "mkstemp", refuse)  # works as root too
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)  # works as root too
     rc, _, err = run(capsys, "generate", *DEMO, "--out", out / "out" / "new" / "v.mp4",
                      "compilation_cache=")
     assert rc == 2 and "output folder is not writable (PermissionError)" in err

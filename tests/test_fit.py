@@ -10,9 +10,10 @@ import json
 
 import pytest
 
-from freeanimate_jax.fit import GiB, main, parse_settings
+from freeanimate_jax.cli.fit import main
+from freeanimate_jax.config import load_job
+from freeanimate_jax.fit import GiB
 from freeanimate_jax.fit.generate import format_report as format_generate
-from freeanimate_jax.pipelines.animate import AnimateSettings
 
 pytest.importorskip("libtpu")
 
@@ -46,8 +47,9 @@ def test_bad_topology_is_one_line_exit_2(capsys):
     assert len(err) == 1 and "v7x-9000" in err[0] and "v5e-8" in err[0]
 
 
-@pytest.mark.parametrize("argv", [["animate", "steps=2", "bogus=1"], ["banana"],
-                                  ["animate", "cache_mode=disk"], ["animate", "--size", "100"],
+@pytest.mark.parametrize("argv", [["animate", "animate.steps=2", "bogus=1"], ["banana"],
+                                  ["animate", "animate.cache_mode=disk"],
+                                  ["animate", "--size", "100"],
                                   ["animate", "--stages", "everything"]])
 def test_bad_arguments_exit_2(argv, capsys):
     assert main(argv) == 2
@@ -55,11 +57,14 @@ def test_bad_arguments_exit_2(argv, capsys):
 
 
 def test_settings_parse_by_field_type():
-    s = parse_settings(AnimateSettings, ["cache_mode=recompute", "steps=10", "iba_until=0.5",
-                        "iba_layers=up_blocks.2.*.attn1, up_blocks.3.*.attn1", "clip_skip=none"])
+    # fit reads settings through the run commands' own loader and keys.
+    s = load_job(None, ["animate.cache_mode=recompute", "animate.steps=10",
+                        "animate.iba_until=0.5",
+                        "animate.iba_layers=[up_blocks.2.*.attn1, up_blocks.3.*.attn1]",
+                        "animate.clip_skip=null"]).settings()
     assert s.cache_mode == "recompute" and s.steps == 10 and s.iba_until == 0.5
     assert s.iba_layers == ("up_blocks.2.*.attn1", "up_blocks.3.*.attn1") and s.clip_skip is None
-    assert parse_settings(AnimateSettings, ["clip_skip=2"]).clip_skip == 2
+    assert load_job(None, ["animate.clip_skip=2"]).settings().clip_skip == 2
 
 
 def test_over_budget_exits_1(capsys):
@@ -74,7 +79,7 @@ def test_compiler_hbm_overflow_exits_1(capsys):
     # maps mode keeps every step's fp32 softmax maps: thousands of frames overflow one v5e chip
     # for real, and the TPU compiler's refusal is reported as "does not fit".
     rc = main(["animate", "--topology", "v5e-1", "--frames", "4096", "--size", "64", "--tiny",
-               "--json", "--stages", "preview inversion", "cache_mode=maps"])
+               "--json", "--stages", "preview inversion", "animate.cache_mode=maps"])
     report = json.loads(capsys.readouterr().out)
     (st,) = report["stages"]
     assert rc == 1 and not report["fits"] and not st["fits"]
@@ -113,7 +118,7 @@ def test_generate_layouts_and_controlnet_change_the_program(capsys):
 def test_long_generate_with_context_windows_fits(capsys):
     # 40 frames exceed the 32-position table: windows of 16 make it run, frames still sharded.
     rc, report = _generate(["--topology", "v5e-8", "--frames", "40", "--size", "64",
-                            "--stages", "denoise", "context_length=16"], capsys)
+                            "--stages", "denoise", "generate.context_length=16"], capsys)
     assert rc == 0 and report["fits"] and report["windows"] == 7
 
 

@@ -196,3 +196,10 @@ class UNetMotionModel(UNet2DConditionModel):
                 node.norm_across_frames = m.resnet_norm_across_frames
         name_attention_layers(video)
         return video
+
+
+def position_limit(unet: nnx.Module) -> int | None:
+    """The most frames the motion modules' position tables hold (None: no motion modules).
+    The UNet itself refuses longer videos only while tracing: check this first."""
+    tables = {n.positions for _, n in nnx.iter_graph(unet) if getattr(n, "positions", None)}
+    return min(tables) if tables else None

@@ -14,9 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-
-class WeightsError(ValueError):
-    """Weights do not fit the model; the message names every offending key."""
+from freeanimate_jax.weights.errors import WeightsError  # re-exported
 
 
 def _param_slots(model: nnx.Module) -> dict[str, tuple[nnx.Param, tuple[int, ...] | None]]:

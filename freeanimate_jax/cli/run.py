@@ -1,20 +1,11 @@
-"""`freeanimate`: the command line (also `python -m freeanimate_jax`).
-
-    freeanimate animate --reference IMG --poses PATH --out OUT.mp4 [options] [key=value ...]
-    freeanimate animate --demo --out demo.mp4       # tiny built-in models, no download
-    freeanimate generate --prompt TEXT --out OUT.mp4 [options] [key=value ...]  # cli_generate
-    freeanimate fit ...                             # delegated to freeanimate_jax.fit
-
-This module: `animate`, and the run machinery both video commands share (output checks, atomic
-writes, progress, errors, the run record); their shared options and model assembly: cli_generate.
+"""What every `freeanimate` command that writes a video shares: its options, the output checks
+and atomic writes, the runtime (mesh, dtype, compilation cache), progress, one-line errors, the
+run record, and the run skeleton itself (`run_video`).
 
 Bad input is one line on stderr (`freeanimate: error: ...; expected ...`) and exit status 2,
 found before any model is loaded or compiled where it can be; nothing is written unless the
-whole run succeeds. Genuine bugs still raise with a traceback.
-
-Sizes: the reference is letterboxed to the model size and the poses likewise; the video is cut
-back to the reference's aspect (`crop_box`) at the reference's own resolution, but never larger
-than its box at the model size (the model's pixels are not upscaled).
+whole run succeeds. Genuine bugs still raise with a traceback. JAX is imported only once a run
+starts, not for argument errors or `--help`.
 """
 
 from __future__ import annotations
@@ -28,32 +19,23 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
-from freeanimate_jax import cli_generate
 from freeanimate_jax import config as cfg
-from freeanimate_jax.cli_generate import add_job_options, check_motion_window, config_epilog
-from freeanimate_jax.config import AnimateJob, ConfigError, Job
-from freeanimate_jax.io import InputError, contact_sheet, crop_box, letterbox, load_image
+from freeanimate_jax.config import ConfigError, Job
+from freeanimate_jax.io import InputError, contact_sheet
 from freeanimate_jax.io import video as vio
-from freeanimate_jax.pipelines.animate import FreeAnimate
-from freeanimate_jax.pipelines.common import Progress
-from freeanimate_jax.pose import (
-    PoseError,
-    demo_keypoints,
-    demo_reference,
-    load_poses,
-    render_sequence,
-)
-from freeanimate_jax.weights.convert import WeightsError
+from freeanimate_jax.pipelines.progress import Progress
+from freeanimate_jax.pose import PoseError
+from freeanimate_jax.weights import assemble
+from freeanimate_jax.weights.errors import WeightsError
 
 PROG = "freeanimate"
 OUT_SUFFIXES = (".mp4", ".gif", ".npz")
-DEMO_FRAMES = 16
 EXIT_BAD_INPUT = 2
 
 
@@ -90,29 +72,51 @@ class ConsoleProgress(Progress):
             self.write(text + "\n")
 
 
-# -- parsing ------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="FreeAnimate: animate a reference image with a pose sequence "
-        "(Stable Diffusion 1.5 + openpose ControlNet, training-free); AnimateDiff text-to-video.")
-    sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{animate,generate,fit}")
-    a = sub.add_parser("animate", help="reference image + poses (+ prompt) -> video",
-                       description="Animate --reference with --poses. Settings come from the "
-                       "defaults, --config FILE, the options below and trailing key=value "
-                       "overrides (later wins), e.g. animate.steps=30 size=[512,384].",
-                       epilog=config_epilog(AnimateJob))
-    a.add_argument("--reference", metavar="IMG", help="the person to animate (any image)")
-    a.add_argument("--poses", metavar="PATH", help="OpenPose JSON file/folder, skeleton "
-                   "image(s) or skeleton video")
-    a.add_argument("--controlnet", metavar="ID|DIR", help="openpose ControlNet folder or hub id")
-    a.add_argument("--frames", type=int, metavar="N", help="use only the first N poses")
-    add_job_options(a, AnimateJob, "built-in tiny models and demo inputs: no download, no "
-                    "--reference/--poses needed")
-    cli_generate.add_parser(sub)
-    sub.add_parser("fit", help="delegated to freeanimate_jax.fit (run `freeanimate fit -h`)",
-                   add_help=False)
-    return parser
+
+
+# -- options both video commands share ---------------------------------------------
+def config_epilog(schema: type[Job]) -> str:
+    def names(cls: type) -> str:
+        return ", ".join(f.name for f in dataclasses.fields(cls) if f.name != schema.SECTION)
+
+    return (f"config keys: {names(schema)}; {schema.SECTION}.KEY for KEY in: "
+            f"{names(schema.SETTINGS)}; scheduler.KEY for KEY in: {names(cfg.SchedulerOverrides)}")
+
+
+def add_job_options(p: argparse.ArgumentParser, schema: type[Job], demo_help: str) -> None:
+    """The options `animate` and `generate` share; each sets a config key (see config_epilog)."""
+    p.add_argument("--prompt", metavar="TEXT", help="text prompt (config key prompt)")
+    p.add_argument("--negative-prompt", metavar="TEXT",
+                   help=f"negative prompt (config key {schema.SECTION}.negative_prompt)")
+    p.add_argument("--config", metavar="FILE", help="YAML job file (see configs/)")
+    p.add_argument("--demo", action="store_true", help=demo_help)
+    p.add_argument("--model", metavar="ID|DIR|FILE", help="diffusers SD 1.5 folder or hub id, "
+                   "or a single-file SD 1.x checkpoint (.safetensors)")
+    p.add_argument("--motion-module", metavar="ID|DIR|FILE", help="AnimateDiff motion module: "
+                   "diffusers MotionAdapter folder or hub id, or a released .ckpt/.safetensors")
+    p.add_argument("--motion-lora", metavar="FILE[:SCALE]", action="append",
+                   help="motion LoRA merged into the motion module (repeatable)")
+    p.add_argument("--domain-adapter", metavar="FILE[:SCALE]",
+                   help="AnimateDiff v3 domain adapter (a LoRA on the UNet's spatial layers)")
+    p.add_argument("--lora", metavar="FILE[:SCALE]", action="append",
+                   help="Stable Diffusion LoRA merged into the UNet/text encoder (repeatable)")
+    p.add_argument("--out", required=True, metavar="OUT.(mp4|gif|npz)", help="the video; "
+                   "OUT.sheet.png and OUT.json are written next to it")
+    p.add_argument("--quiet", action="store_true", help="no progress or summary on stdout. "
+                   "The step display appears only on a terminal: JAX does not persist programs "
+                   "that call back to the host, so runs from scripts keep every stage in the "
+                   "compilation cache")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def job_flags(args: argparse.Namespace, schema: type[Job]) -> dict[str, Any]:
+    """The typed CLI options as a config layer (kept out of the dotlist: no YAML re-parsing)."""
+    keys = ("model", "controlnet", "prompt", "frames", "motion_module", "motion_lora",
+            "domain_adapter", "lora")
+    flags = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if args.negative_prompt is not None:
+        flags[schema.SECTION] = {"negative_prompt": args.negative_prompt}
+    return flags
 
 
 # -- outputs ------------------------------------------------------------------------------------
@@ -190,30 +194,6 @@ def resolve_dtype(name: str) -> Any:
     return jnp.dtype(name)
 
 
-def _load_inputs(args: argparse.Namespace, job: AnimateJob, say: Callable[[str], None]):
-    size_hw = job.size_hw
-    if not args.demo and (args.reference is None or args.poses is None):
-        raise InputError("missing --reference IMG and/or --poses PATH; expected both "
-                         "(or --demo for the built-in example)")
-    if args.reference is not None:
-        reference = load_image(args.reference)
-    else:
-        reference = demo_reference(size_hw)
-    if args.poses is not None:
-        poses = load_poses(args.poses, size_hw)
-    else:
-        poses = render_sequence(demo_keypoints(DEMO_FRAMES, size_hw), size_hw)
-    if len(poses) == 0:
-        raise PoseError(f"{args.poses}: 0 pose frames; expected at least one")
-    if job.frames is not None:
-        if job.frames > len(poses):
-            say(f"frames={job.frames}, but the poses have {len(poses)}: using all of them")
-        poses = poses[: job.frames]
-    ref_in, box = letterbox(reference, size_hw)
-    out_hw = (min(reference.shape[0], box[2]), min(reference.shape[1], box[3]))
-    return reference, ref_in, box, out_hw, poses
-
-
 def _quiet_fork(fn: Callable[..., None], *args: Any) -> None:
     # The MP4 writer starts ffmpeg; JAX warns about any fork once its threads run, but this one
     # is a fork+exec of an external program, which never touches the parent's locks.
@@ -257,10 +237,11 @@ def start_runtime(job: Job, frames: int | None = None, what: str = "") -> tuple[
         except ValueError as e:
             raise ConfigError(f"FREEANIMATE_DISTRIBUTED=1: {e}") from None
     mesh = parallel.make_mesh() if len(jax.devices()) > 1 else None
-    if mesh is not None and frames is not None and frames % mesh.size:
-        raise ConfigError(f"{what}: {frames} frames do not divide over {mesh.size} devices; "
-                          f"expected a multiple of {mesh.size} (a motion module sees the whole "
-                          f"video, so frames cannot be padded)")
+    if frames is not None:
+        try:
+            parallel.check_frames(frames, mesh, what)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     enable_compilation_cache(job.compilation_cache)
     return resolve_dtype(job.dtype), mesh
 
@@ -343,78 +324,74 @@ def with_outputs(out: str, run: Callable[[Outputs], int]) -> int:
         raise
 
 
-def animate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-    started = time.perf_counter()
-    job = cfg.load_job(args.config, overrides, base=cfg.DEMO_CONFIG if args.demo else None,
-                       flags=cli_generate.job_flags(args, AnimateJob))
-    return with_outputs(args.out, lambda outputs: _run(args, job, outputs, started))
+def load_timed(job: Job, dtype: Any, progress: ConsoleProgress) -> tuple[Any, float]:
+    """`load_models`, announced on `progress` and timed."""
+    import jax
+
+    progress.say(f"loading models ({job.model}) in {np.dtype(dtype).name} on "
+                 f"{len(jax.devices())} {jax.default_backend()} device(s)")
+    clock = time.perf_counter()
+    models = assemble.load_models(job, dtype)
+    return models, time.perf_counter() - clock
 
 
-def _run(args: argparse.Namespace, job: AnimateJob, outputs: Outputs, started: float) -> int:
+def check_motion_window(unet: Any, frames: int, what: str, remedy: str = "") -> None:
+    """Fail before compiling: the UNet raises for frames beyond its position table only while
+    tracing, minutes into a run."""
+    from freeanimate_jax.models.motion import position_limit
+
+    limit = position_limit(unet)
+    if limit is not None and frames > limit:
+        raise ConfigError(f"{what}: {frames} frames exceed the motion module's position table "
+                          f"({limit}); expected at most {limit} frames{remedy}")
+
+
+@dataclasses.dataclass
+class Sampled:
+    """What a command's sampling gives the shared run: the frames to write, the contact sheet's
+    columns, per-stage timings, and other frames that must be finite too."""
+
+    frames: np.ndarray
+    sheet: dict[str, np.ndarray]
+    timings: dict[str, float]
+    also_finite: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class VideoRun:
+    """One video command's part of `run_video`, prepared from cheap inputs only.
+
+    frames: the video length; `divide`: it must divide over the devices (a motion module sees
+    every frame, so frames cannot be padded), named `what` in errors. `check(models)`: checks
+    once the models are loaded, before compiling; `sample(models, mesh, progress)`: the run.
+    """
+
+    frames: int
+    divide: bool
+    what: str
+    announce: str
+    inputs: dict[str, Any]
+    check: Callable[[Any], None]
+    sample: Callable[[Any, Any, ConsoleProgress], Sampled]
+
+
+def run_video(args: argparse.Namespace, job: Job, outputs: Outputs, started: float,
+              prepare: Callable[[ConsoleProgress], VideoRun]) -> int:
+    """The skeleton of every video command: cheap inputs first, then the runtime, the models,
+    the sampling, and all outputs or none."""
     progress = make_progress(args)
-    reference, ref_in, box, out_hw, poses = _load_inputs(args, job, progress.say)
-    settings = job.settings()
+    video = prepare(progress)
     # Everything above is cheap; models, compilation and the run come only after it passed.
-    n = len(poses)
-    dtype, mesh = start_runtime(job, n if job.motion_module else None, "the poses")
-    models, load_s = cli_generate.load_timed(job, dtype, progress)
-    if job.motion_module:
-        check_motion_window(models.unet, n, "the poses", " (--frames N): animate has no "
-                            "context windows")
-    progress.say(f"animating {n} frames at {job.size_hw[0]}x{job.size_hw[1]} "
-                 f"(each stage compiles on first use)")
+    dtype, mesh = start_runtime(job, video.frames if video.divide else None, video.what)
+    models, load_s = load_timed(job, dtype, progress)
+    video.check(models)
+    progress.say(video.announce)
     progress.t0 = time.perf_counter()
-    with pipeline_errors():  # e.g. a scheduler whose timesteps cannot be inverted
-        result = FreeAnimate(models, settings, mesh=mesh, progress=progress)(
-            ref_in, poses, job.prompt)
-    check_finite(result.frames, preview=result.preview)
-    frames = crop_box(result.frames, box, out_hw)
-    sheet = contact_sheet({
-        "reference": crop_box(ref_in, box, out_hw),
-        "pose": crop_box(poses, box, out_hw, kind="pose"),
-        "preview": crop_box(result.preview, box, out_hw),
-        "result": frames,
-    }, rows=job.sheet_rows)
-    timings = {"load_models": load_s, **result.timings,
-               "total": time.perf_counter() - started}
-    inputs = {"reference": args.reference or "demo", "poses": args.poses or "demo",
-              "reference_hw": list(reference.shape[:2]), "frames": n}
-    record = run_record(args, job, dtype, mesh, outputs, frames, inputs, timings)
-    write_outputs(outputs, frames, sheet, record, job.fps, progress)
+    with pipeline_errors():  # incl. what the pipeline only finds while tracing
+        result = video.sample(models, mesh, progress)
+    check_finite(result.frames, **result.also_finite)
+    sheet = contact_sheet(result.sheet, rows=job.sheet_rows)
+    timings = {"load_models": load_s, **result.timings, "total": time.perf_counter() - started}
+    record = run_record(args, job, dtype, mesh, outputs, result.frames, video.inputs, timings)
+    write_outputs(outputs, result.frames, sheet, record, job.fps, progress)
     return 0
-
-
-def _fit(argv: list[str]) -> int:
-    try:
-        from freeanimate_jax.fit import main as fit_main
-    except ModuleNotFoundError as e:
-        if e.name != "freeanimate_jax.fit":
-            raise
-        print(f"{PROG}: error: the fit command is not available in this install; expected "
-              f"the freeanimate_jax.fit module", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return int(fit_main(argv) or 0)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `freeanimate` console script; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "fit":  # everything after `fit` belongs to the fit command
-        return _fit(argv[1:])
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    # key=value overrides may also sit between options, where argparse leaves them unparsed.
-    stray = [e for e in extra if e.startswith("-") or "=" not in e]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    args.argv = argv
-    command = cli_generate.generate if args.command == "generate" else animate
-    try:
-        return command(args, [*args.overrides, *extra])
-    except USER_ERRORS as e:
-        text = " ".join(str(e).split()) or type(e).__name__
-        print(f"{PROG}: error: {text}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130

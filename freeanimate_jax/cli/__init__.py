@@ -1,0 +1,63 @@
+"""`freeanimate`: the command line (also `python -m freeanimate_jax`).
+
+    freeanimate animate --reference IMG --poses PATH --out OUT.mp4 [options] [key=value ...]
+    freeanimate animate --demo --out demo.mp4       # tiny built-in models, no download
+    freeanimate generate --prompt TEXT --out OUT.mp4 [options] [key=value ...]
+    freeanimate fit animate|generate --topology v5e-8 [options] [key=value ...]
+
+One module per command (`animate`, `generate`, `fit`); what the video commands share, the run
+skeleton included, is `run`. Model assembly is the library's (`weights/assemble.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from freeanimate_jax.cli import animate, generate
+from freeanimate_jax.cli.run import EXIT_BAD_INPUT, PROG, USER_ERRORS
+
+__all__ = ["EXIT_BAD_INPUT", "build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="FreeAnimate: animate a reference image with a pose sequence "
+        "(Stable Diffusion 1.5 + openpose ControlNet, training-free); AnimateDiff text-to-video.")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{animate,generate,fit}")
+    animate.add_parser(sub)
+    generate.add_parser(sub)
+    sub.add_parser("fit", help="does a job fit a TPU slice? (run `freeanimate fit -h`)",
+                   add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `freeanimate` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "fit":  # everything after `fit` belongs to the fit command
+        fit = importlib.import_module("freeanimate_jax.cli.fit")
+        return int(fit.main(argv[1:]) or 0)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also sit between options, where argparse leaves them unparsed.
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.argv = argv
+    command = generate.main if args.command == "generate" else animate.main
+    try:
+        return command(args, [*args.overrides, *extra])
+    except USER_ERRORS as e:
+        text = " ".join(str(e).split()) or type(e).__name__
+        print(f"{PROG}: error: {text}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+

@@ -1,0 +1,159 @@
+"""`freeanimate fit`: does a job fit a TPU slice? Per-chip HBM of each stage, from an
+ahead-of-time compile on this host. Exit 0 when every stage fits, 1 when one does not, 2 on
+bad arguments (one line on stderr).
+
+    freeanimate fit animate|generate [--topology v5e-8] [--frames N] [--size PX] [--config FILE]
+        [--tiny] [--hbm-gib G] [--stages a,b] [--motion v1|v2|v3] [--controlnet] [--json]
+        [key=value ...]
+
+Settings come from the same runbooks and `key=value` overrides as `freeanimate animate` and
+`generate` (`animate.steps=30`, `generate.context_length=16`, `size=[512,384]`), read by the
+same loader; the models are SD1.5's architecture (or the tiny family: `--tiny`, or
+`model=builtin:tiny`), built abstractly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import typing
+
+from freeanimate_jax import config as cfg
+from freeanimate_jax.config import AnimateJob, ConfigError, GenerateJob
+from freeanimate_jax.fit.core import TOPOLOGIES
+
+PIPELINES = ("animate", "generate")
+
+
+class UsageError(Exception):
+    """Bad arguments: one line on stderr, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # argparse prints usage; we want one line
+        raise UsageError(message)
+
+
+def _parser() -> _Parser:
+    p = _Parser(prog="freeanimate fit", description="Per-chip HBM of each stage of a pipeline "
+                "on a TPU topology, from an ahead-of-time compile on this host.")
+    p.add_argument("pipeline", help=" or ".join(PIPELINES))
+    p.add_argument("--topology", default="v5e-8", help=", ".join(TOPOLOGIES))
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames (default: the job's generate.frames, or 16 poses for animate)")
+    p.add_argument("--size", type=int, default=None,
+                   help="square frame size, pixels (default: the job's size)")
+    p.add_argument("--config", metavar="FILE", help="YAML job file (see configs/)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--tiny", action="store_true", help="the tiny model family (quick checks)")
+    p.add_argument("--hbm-gib", type=float, default=None,
+                   help="HBM per chip to fit into (default: the chip's usable HBM)")
+    p.add_argument("--stages", default=None,
+                   help="compile only these stages (comma-separated; the rest are only traced)")
+    p.add_argument("--motion", default="v3", help="generate: the motion-module layout, v1, v2 "
+                   "or v3 (default v3: no mid-block module, 32 positions)")
+    p.add_argument("--controlnet", action="store_true",
+                   help="generate: with the openpose ControlNet on every frame")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, as for the run commands")
+    return p
+
+
+def _stages(text: str | None, known: tuple[str, ...]) -> set[str] | None:
+    if text is None:
+        return None
+    only = {x.strip() for x in text.split(",")}
+    if not only or not only <= set(known):
+        raise UsageError(f"unknown stage in --stages {text!r}; expected some of "
+                         f"{', '.join(known)}")
+    return only
+
+
+def _job(a: argparse.Namespace):
+    schema = AnimateJob if a.pipeline == "animate" else GenerateJob
+    flags: dict[str, typing.Any] = {}
+    if a.size is not None:
+        flags["size"] = a.size
+    if a.pipeline == "generate" and a.frames is not None:
+        flags["generate"] = {"frames": a.frames}
+    if any(x.startswith("generate.frames=") for x in a.overrides):
+        raise UsageError("give the frame count as --frames, not generate.frames=")
+    try:
+        return cfg.load_job(a.config, a.overrides, schema=schema, flags=flags)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+
+
+def _plan(argv: list[str]):
+    """Checked arguments -> (function that fits, function that formats the report as text);
+    the formatter is None with --json."""
+    a = _parser().parse_intermixed_args(argv)  # key=value may follow options
+    if a.pipeline not in PIPELINES:
+        raise UsageError(f"unknown pipeline {a.pipeline!r}; expected one of "
+                         f"{', '.join(PIPELINES)}")
+    if a.topology not in TOPOLOGIES:
+        raise UsageError(f"unknown topology {a.topology!r}; expected one of "
+                         f"{', '.join(TOPOLOGIES)}")
+    if any(v is not None and v <= 0 for v in (a.frames, a.size, a.hbm_gib)):
+        raise UsageError("--frames, --size and --hbm-gib must be positive")
+    job = _job(a)
+    tiny = a.tiny or job.model == cfg.TINY_MODEL
+    size_hw = job.size_hw
+    # The VAE downsamples 8x and the SD UNet 8x more (the tiny one 2x).
+    multiple = 8 * (2 if tiny else 8)
+    if size_hw[0] % multiple or size_hw[1] % multiple:
+        raise UsageError(f"size {job.size} must be a multiple of {multiple}")
+    common = dict(tiny=tiny, hbm_gib=a.hbm_gib, log=_progress)
+    settings = job.settings()
+    if a.pipeline == "animate":
+        from freeanimate_jax.fit import animate
+
+        if a.motion != "v3" or a.controlnet:
+            raise UsageError("--motion and --controlnet are options of fit generate (animate "
+                             "always runs the openpose ControlNet, without motion modules)")
+        only = _stages(a.stages, animate.STAGES)
+        if only is not None and settings.preview_steps == settings.steps:
+            only.discard("preview reference inversion")  # it runs only for other step counts
+            if not only:
+                raise UsageError("--stages: preview reference inversion runs only when "
+                                 "preview_steps differs from steps")
+        frames = a.frames or job.frames or 16
+        return (lambda: animate.fit_animate(a.topology, frames, size_hw, settings, only=only,
+                                            **common)), None if a.json else animate.format_report
+    from freeanimate_jax.fit import generate
+
+    if a.motion not in generate.MOTION_VERSIONS:
+        raise UsageError(f"unknown --motion {a.motion!r}; expected one of "
+                         f"{', '.join(generate.MOTION_VERSIONS)}")
+    only = _stages(a.stages, generate.STAGES)
+    return (lambda: generate.fit_generate(
+        a.topology, settings, size_hw, motion=a.motion, controlnet=a.controlnet, only=only,
+        **common)), None if a.json else generate.format_report
+
+
+def _progress(message: str) -> None:  # compiles take minutes: say what is going on
+    print(f"[fit] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str]) -> int:
+    try:
+        run, fmt = _plan(argv)
+    except UsageError as e:
+        print(f"freeanimate fit: {e}", file=sys.stderr)
+        return 2
+    # An ahead-of-time check: run on the CPU even on a TPU host (a real TPU may be busy), and
+    # let libtpu's compile-only client load beside another process already holding libtpu.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if "JAX_PLATFORMS" not in os.environ:
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
+    try:
+        report = run()
+    except ValueError as e:  # what the pipeline itself refuses (frame counts, position tables)
+        print(f"freeanimate fit: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=1) if fmt is None else fmt(report))
+    return 0 if report["fits"] else 1

@@ -1,0 +1,178 @@
+"""The sampling core: call-time settings that compile nothing, `latents=`, the ControlNet step
+range as diffusers applies it, and the step-fraction rounding rule."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from freeanimate_jax.demo import TINY_CONFIGS, TINY_SIZE, tiny_tokenizer
+from freeanimate_jax.pipelines.animate import AnimateSettings, FreeAnimate
+from freeanimate_jax.pipelines.core import controlnet_scales, until_flags
+from freeanimate_jax.pipelines.generate import Generate, GenerateSettings
+
+
+class CompileCounter:
+    """Counts XLA backend compilations (jax's own monitoring event) while active."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.active, self.count = False, 0
+        jax.monitoring.register_event_duration_secs_listener(self._seen)
+
+    def _seen(self, event: str, duration: float, **kwargs) -> None:
+        if self.active and event == self.EVENT:
+            self.count += 1
+
+    def __enter__(self) -> CompileCounter:
+        self.active, self.count = True, 0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.active = False
+
+
+@pytest.fixture(scope="module")
+def compiles():
+    return CompileCounter()
+
+
+# -- ControlNet step range --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def diffusers_controlnet_pipeline():
+    """A real tiny diffusers StableDiffusionControlNetPipeline (the demo family's configs)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        ControlNetModel,
+        DDIMScheduler,
+        StableDiffusionControlNetPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    def cfg(name):
+        return {k: v for k, v in TINY_CONFIGS[name].items() if not k.startswith("_")}
+
+    torch.manual_seed(0)
+    text = {k: v for k, v in TINY_CONFIGS["text_encoder"].items() if k != "architectures"}
+    pipe = StableDiffusionControlNetPipeline(
+        vae=AutoencoderKL(**cfg("vae")), text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
+        tokenizer=tiny_tokenizer(), unet=UNet2DConditionModel(**cfg("unet")),
+        controlnet=ControlNetModel(**cfg("controlnet")), scheduler=DDIMScheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _diffusers_scales(pipe, steps: int, start: float, end: float, scale: float) -> np.ndarray:
+    """The conditioning scale diffusers passes its ControlNet at each step of a real run."""
+    import torch
+
+    seen, forward = [], pipe.controlnet.forward
+
+    def record(*args, **kwargs):
+        seen.append(float(kwargs["conditioning_scale"]))
+        return forward(*args, **kwargs)
+
+    pipe.controlnet.forward = record
+    try:
+        with torch.no_grad():
+            pipe("a person", image=torch.zeros(1, 3, TINY_SIZE, TINY_SIZE), height=TINY_SIZE,
+                 width=TINY_SIZE, num_inference_steps=steps, guidance_scale=1.0,
+                 controlnet_conditioning_scale=scale, control_guidance_start=start,
+                 control_guidance_end=end, output_type="latent")
+    finally:
+        pipe.controlnet.forward = forward
+    return np.asarray(seen, np.float32)
+
+
+@pytest.mark.parametrize("steps, start, end", [(25, 0.0, 0.5), (4, 0.0, 0.6), (3, 0.25, 0.75),
+                                               (10, 0.1, 0.95)])
+def test_controlnet_step_range_equals_diffusers(diffusers_controlnet_pipeline, steps, start, end):
+    expected = _diffusers_scales(diffusers_controlnet_pipeline, steps, start, end, 0.8)
+    assert len(expected) == steps
+    np.testing.assert_array_equal(controlnet_scales(steps, start, end, 0.8), expected)
+
+
+def test_step_fractions_round_half_up_as_written():
+    # 0.3 x 5 is 1.4999999999999998 in binary: as written it is 1.5, which rounds up.
+    assert until_flags(5, 0.3).sum() == 2
+    assert until_flags(5, 0.5).sum() == 3  # 2.5: half up, not to even
+    assert until_flags(25, 0.8).sum() == 20 and until_flags(3, 0.67).sum() == 2
+    assert until_flags(6, 0.0).sum() == 0 and until_flags(6, 1.0).all()
+    np.testing.assert_array_equal(until_flags(4, 0.5), [True, True, False, False])
+
+
+# -- call-time settings -----------------------------------------------------------------------
+FRAMES = 3
+FIRST = AnimateSettings(steps=3, preview_steps=2, guidance_scale=5.0, eta=0.3, seed=7,
+                        iba_until=0.67, ra_sa_until=1.0, controlnet_scale=1.0)
+# Every call-time setting moved (guidance stays above 1 and eta above 0: those two facts, not
+# the values, fix the program).
+CHANGED = dict(seed=3, negative_prompt="blurry", guidance_scale=3.0, controlnet_scale=0.7,
+               controlnet_start=0.1, controlnet_end=0.9, eta=0.6, iba_until=0.34,
+               ra_sa_until=0.5)
+
+
+@pytest.fixture(scope="module")
+def animate_inputs():
+    rng = np.random.default_rng(1)
+    return (rng.integers(0, 256, (TINY_SIZE, TINY_SIZE, 3), np.uint8),
+            rng.integers(0, 256, (FRAMES, TINY_SIZE, TINY_SIZE, 3), np.uint8))
+
+
+def test_a_second_call_with_other_settings_compiles_nothing(tiny, animate_inputs, compiles):
+    pipe = FreeAnimate(tiny(), FIRST)
+    first = pipe(*animate_inputs, "a dancer")
+    with compiles:
+        second = pipe(*animate_inputs, "a dancer in red", **CHANGED)
+    assert compiles.count == 0
+    assert np.abs(second.frames - first.frames).max() > 1e-3  # the settings did change it
+    # ... exactly as a fresh pipeline built with those settings makes it.
+    fresh = FreeAnimate(tiny(), dataclasses.replace(FIRST, **CHANGED))(
+        *animate_inputs, "a dancer in red")
+    np.testing.assert_array_equal(second.frames, fresh.frames)
+    np.testing.assert_array_equal(second.preview, fresh.preview)
+
+
+def test_latents_equal_to_the_pipelines_own_noise_give_identical_frames(tiny, animate_inputs):
+    pipe = FreeAnimate(tiny(), FIRST)
+    own = pipe.initial_latents(FRAMES, (TINY_SIZE, TINY_SIZE), seed=FIRST.seed)
+    base = pipe(*animate_inputs, "a dancer")
+    same = pipe(*animate_inputs, "a dancer", latents=own)
+    np.testing.assert_array_equal(same.frames, base.frames)
+    other = pipe(*animate_inputs, "a dancer", latents=np.asarray(own)[::-1])
+    assert np.abs(other.frames - base.frames).max() > 1e-3
+    with pytest.raises(ValueError, match="latents of shape"):
+        pipe(*animate_inputs, "a dancer", latents=np.zeros((FRAMES, 4, 4, 4)))
+
+
+def test_generate_second_call_compiles_nothing_and_latents(tiny_video, compiles):
+    s = GenerateSettings(frames=4, steps=2, guidance_scale=6.0, eta=0.2, seed=1)
+    pipe = Generate(tiny_video(), s)
+    size = (TINY_SIZE, TINY_SIZE)
+    first = pipe("a cat", size)
+    changed = dict(seed=5, guidance_scale=2.5, eta=0.5, negative_prompt="dark")
+    with compiles:
+        second = pipe("a dog", size, **changed)
+    assert compiles.count == 0 and np.abs(second.frames - first.frames).max() > 1e-3
+    fresh = Generate(tiny_video(), dataclasses.replace(s, **changed))("a dog", size)
+    np.testing.assert_array_equal(second.frames, fresh.frames)
+    own = pipe.initial_latents(size, seed=5)
+    np.testing.assert_array_equal(pipe("a dog", size, latents=own, **changed).frames,
+                                  second.frames)
+
+
+def test_program_fixing_settings_are_the_rest():
+    s = AnimateSettings()
+    program = dict(s.program())
+    assert set(AnimateSettings.CALL_TIME).isdisjoint(program)
+    assert program["cfg"] is True and program["eta_noise"] is False
+    assert dict(dataclasses.replace(s, guidance_scale=1.0).program())["cfg"] is False
+    with pytest.raises(TypeError, match="unknown setting"):
+        s.with_call(guidance=3.0)

@@ -1,0 +1,51 @@
+"""The pipelines' stages lowered for a multi-chip TPU exactly as the run lowers them: the
+pipeline's own plan, buffers shaped and placed by the pipeline's own `input_specs`, each stage
+through `Stage.lower` (the run's entry, `parallel.use(mesh)` included); the test adds no mesh
+or kernel context. The tiny family at 128x128 px, so the first UNet level attends over 256
+tokens and the Pallas flash kernel takes those sequences (at 64x64 every sequence would go to
+XLA and this would prove nothing)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import pytest
+
+from freeanimate_jax.fit.animate import abstract_models
+from freeanimate_jax.fit.generate import abstract_video_models
+from freeanimate_jax.pipelines.animate import AnimateSettings, FreeAnimate
+from freeanimate_jax.pipelines.generate import Generate, GenerateSettings
+from tests.helpers import lower_plan
+
+pytest.importorskip("libtpu")
+pytestmark = pytest.mark.slow
+
+SIZE = (128, 128)
+# Stages whose programs attend over 128-multiples: each must hold the Pallas kernel.
+FLASH_STAGES = {"VAE encode", "reference inversion", "preview", "preview inversion", "denoise",
+                "VAE decode"}
+
+
+def _v5e4_mesh():
+    from jax.experimental import topologies
+
+    from freeanimate_jax import parallel
+
+    return parallel.make_mesh(devices=topologies.get_topology_desc("v5e:2x2", "tpu").devices)
+
+
+def test_animate_stages_compile_for_v5e_4_with_the_flash_kernel():
+    mesh = _v5e4_mesh()
+    s = AnimateSettings(steps=2, preview_steps=2)
+    pipe = FreeAnimate(abstract_models(True, jnp.bfloat16), s, mesh=mesh)
+    texts = lower_plan(pipe.plan(s), pipe.input_specs(4, SIZE, s), mesh)
+    assert FLASH_STAGES <= set(texts)
+    for name in FLASH_STAGES:
+        assert "tpu_custom_call" in texts[name], f"{name}: no Pallas kernel in the program"
+
+
+def test_generate_denoise_compiles_for_v5e_4_with_the_flash_kernel():
+    mesh = _v5e4_mesh()
+    s = GenerateSettings(frames=4, steps=2)
+    pipe = Generate(abstract_video_models(True, "v3", True, jnp.bfloat16), s, mesh=mesh)
+    texts = lower_plan(pipe.plan(s, True), pipe.input_specs(SIZE, s, True), mesh)
+    assert "tpu_custom_call" in texts["denoise"] and "tpu_custom_call" in texts["VAE decode"]
