@@ -161,30 +161,6 @@ class Denoise:
     cfg: bool
     eta_noise: bool
     display: bool
-    batch_cfg: bool = False
-
-
-def batched_branches(unet, cn, z, t, ctx_c, ctx_u, poses, cn_scale, cond_in, anchor_in, rt):
-    """Both CFG branches as one UNet + ControlNet call on [z ; z]: IBA on the conditional half
-    only (the cache is padded with the unconditional half's own input, gated off there)."""
-    f = z.shape[0]
-    half = jnp.concatenate([jnp.ones((f,), bool), jnp.zeros((f,), bool)])
-    inputs = {}
-    for path, li in cond_in.items():
-        un = anchor_in.get(path, LayerInputs())
-        if li.hidden is None and li.maps is None:
-            inputs[path] = li
-            continue
-        on = jnp.logical_and(half, li.iba_on)
-        pad = lambda a: jnp.concatenate([a, jnp.zeros_like(a)])  # noqa: E731
-        inputs[path] = dataclasses.replace(
-            li, anchor=un.anchor, hidden=None if li.hidden is None else pad(li.hidden),
-            maps=None if li.maps is None else pad(li.maps), iba_on=on)
-    ctx = jnp.concatenate([jnp.broadcast_to(ctx_c, (f,) + ctx_c.shape[1:]),
-                           jnp.broadcast_to(ctx_u, (f,) + ctx_u.shape[1:])])
-    eps2 = predict(unet, cn, jnp.concatenate([z, z]), t, ctx, jnp.concatenate([poses, poses]),
-                   cn_scale, AttnControl(inputs=inputs, runtime=rt), video=False)
-    return eps2[:f], eps2[f:]
 
 
 @compiled
@@ -219,14 +195,9 @@ def denoise(p: Denoise, unet_state, cn_state, z_t: Array, poses: Array, ctx_c: A
                 cond_in[path] = dataclasses.replace(cond_in.get(path, LayerInputs()),
                                                     **{kind: v, "iba_on": on})
         video = _video(unet, z)
-        if p.cfg and p.batch_cfg:
-            eps, eps_u = batched_branches(unet, cn, z, t, ctx_c, ctx_u, poses, cn_scale,
-                                          cond_in, anchor_in, rt)
-            eps = guide(eps, eps_u, call.guidance)
-        else:
-            eps = predict(unet, cn, z, t, ctx_c, poses, cn_scale,
-                          AttnControl(inputs=cond_in, runtime=rt), video=video)
-        if p.cfg and not p.batch_cfg:
+        eps = predict(unet, cn, z, t, ctx_c, poses, cn_scale,
+                      AttnControl(inputs=cond_in, runtime=rt), video=video)
+        if p.cfg:
             eps_u = predict(unet, cn, z, t, ctx_u, poses, cn_scale,
                             AttnControl(inputs=anchor_in, runtime=rt), video=video)
             eps = guide(eps, eps_u, call.guidance)
