@@ -112,6 +112,7 @@ def test_animate_with_a_motion_module(models, inputs):
     assert _maxdiff(frames, baseline) > 1e-3
 
 
+@pytest.mark.slow
 def test_animate_with_motion_on_eight_devices_equals_one_device(tiny_video):
     """FreeAnimate with motion modules, frames sharded over 8 devices: the temporal attention's
     frames -> tokens reshard makes the same video as one device, through all-to-alls."""

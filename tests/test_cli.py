@@ -52,6 +52,7 @@ def demo_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(demo_runs):
     run = demo_runs["cold"]
     assert "Traceback" not in run.proc.stderr
@@ -76,6 +77,7 @@ def test_demo_end_to_end(demo_runs):
     assert "denoise: step" not in run.proc.stdout and "wrote" in run.proc.stdout
 
 
+@pytest.mark.slow
 def test_second_process_reuses_the_compilation_cache(demo_runs):
     cold, warm = demo_runs["cold"], demo_runs["warm"]
     assert cold.cache_files > 0

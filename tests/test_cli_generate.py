@@ -57,6 +57,7 @@ def demo_run(tmp_path_factory):
     return types.SimpleNamespace(proc=proc, out=out, wall=time.perf_counter() - start)
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(demo_run):
     assert "Traceback" not in demo_run.proc.stderr
     frames, fps = read_video(demo_run.out)

@@ -133,9 +133,12 @@ def test_a_second_call_with_other_settings_compiles_nothing(tiny, animate_inputs
         second = pipe(*animate_inputs, "a dancer in red", **CHANGED)
     assert compiles.count == 0
     assert np.abs(second.frames - first.frames).max() > 1e-3  # the settings did change it
-    # ... exactly as a fresh pipeline built with those settings makes it.
-    fresh = FreeAnimate(tiny(), dataclasses.replace(FIRST, **CHANGED))(
-        *animate_inputs, "a dancer in red")
+    # ... exactly as a fresh pipeline built with those settings makes it, and that pipeline
+    # (the same models) reuses the compiled stages too.
+    with compiles:
+        fresh = FreeAnimate(tiny(), dataclasses.replace(FIRST, **CHANGED))(
+            *animate_inputs, "a dancer in red")
+    assert compiles.count == 0
     np.testing.assert_array_equal(second.frames, fresh.frames)
     np.testing.assert_array_equal(second.preview, fresh.preview)
 
@@ -176,3 +179,43 @@ def test_program_fixing_settings_are_the_rest():
     assert dict(dataclasses.replace(s, guidance_scale=1.0).program())["cfg"] is False
     with pytest.raises(TypeError, match="unknown setting"):
         s.with_call(guidance=3.0)
+
+
+def test_fit_lowers_exactly_the_arguments_the_run_passes(tiny):
+    """Every stage of a sharded run (8 devices, frames padded) receives arguments with the
+    shapes, dtypes and shardings fit lowers it with: pipeline `input_specs` placed by
+    `core.placement`, later stages fed the declared placement of earlier outputs."""
+    from freeanimate_jax import parallel
+    from freeanimate_jax.pipelines.core import placement
+
+    mesh = parallel.make_mesh()
+    s = AnimateSettings(steps=2, preview_steps=1)
+    pipe = FreeAnimate(tiny(), s, mesh=mesh)
+    rng = np.random.default_rng(2)
+    ref = rng.integers(0, 256, (TINY_SIZE, TINY_SIZE, 3), np.uint8)
+    poses = rng.integers(0, 256, (FRAMES, TINY_SIZE, TINY_SIZE, 3), np.uint8)
+    host = pipe.host_inputs(ref, poses, pipe.token_ids("a dancer", ""), s)
+    run = {**pipe.weights(), **{k: pipe.place(v, axis) for k, (v, axis) in host.items()}}
+
+    def place(tree, axis):
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+            a.shape, a.dtype, sharding=placement(mesh, len(a.shape), axis)), tree)
+
+    fit = {k: place(v, axis) for k, (v, axis) in
+           pipe.input_specs(FRAMES, (TINY_SIZE, TINY_SIZE), s).items()}
+    plan = pipe.plan(s)
+    assert [st.name for st in plan][:4] == ["text encoder", "VAE encode", "reference inversion",
+                                            "preview reference inversion"]
+    for step in plan:
+        ran, lowered = ([b[k] for k in step.inputs] for b in (run, fit))
+        assert jax.tree.structure(ran) == jax.tree.structure(lowered), step.name
+        for a, b in zip(jax.tree.leaves(ran), jax.tree.leaves(lowered), strict=True):
+            assert (a.shape, a.dtype) == (b.shape, b.dtype), step.name
+            assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (step.name, a.sharding,
+                                                                      b.sharding)
+        out = step.stage(*ran)
+        low = step.stage.lower(*lowered)
+        results = out if len(step.outputs) > 1 else (out,)
+        infos = low.out_info if len(step.outputs) > 1 else (low.out_info,)
+        for (key, axis), value, info in zip(step.outputs, results, infos, strict=True):
+            run[key], fit[key] = value, place(info, axis)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from freeanimate_jax.io import read_video
@@ -35,6 +36,7 @@ def _cmd(out) -> list[str]:
     return [sys.executable, "-m", "freeanimate_jax", *ARGS[:2], "--out", str(out), *ARGS[2:]]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
     port = _free_port()
     procs = [subprocess.Popen(

@@ -18,6 +18,7 @@ from freeanimate_jax.fit.generate import format_report as format_generate
 pytest.importorskip("libtpu")
 
 
+@pytest.mark.slow
 def test_tiny_fits_on_v5e_4(capsys):
     rc = main(["animate", "--topology", "v5e-4", "--frames", "4", "--size", "64", "--tiny",
                "--json"])
@@ -75,6 +76,7 @@ def test_over_budget_exits_1(capsys):
     assert rc == 1 and "does not fit: text encoder" in out and "GiB over" in out
 
 
+@pytest.mark.slow
 def test_compiler_hbm_overflow_exits_1(capsys):
     # maps mode keeps every step's fp32 softmax maps: thousands of frames overflow one v5e chip
     # for real, and the TPU compiler's refusal is reported as "does not fit".
@@ -92,6 +94,7 @@ def _generate(argv: list[str], capsys) -> tuple[int, dict]:
     return rc, json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_tiny_generate_fits_on_v5e_4(capsys):
     rc, report = _generate(["--topology", "v5e-4", "--frames", "8", "--size", "64"], capsys)
     assert rc == 0 and report["fits"] and report["pipeline"] == "generate"
@@ -106,6 +109,7 @@ def test_tiny_generate_fits_on_v5e_4(capsys):
     assert denoise["args"] >= 2 * report["unet_params"]
 
 
+@pytest.mark.slow
 def test_generate_layouts_and_controlnet_change_the_program(capsys):
     common = ["--topology", "v5e-4", "--frames", "4", "--size", "64", "--stages", "denoise"]
     _, v3 = _generate(common, capsys)
@@ -115,6 +119,7 @@ def test_generate_layouts_and_controlnet_change_the_program(capsys):
     assert "openpose ControlNet" in format_generate(v2)
 
 
+@pytest.mark.slow
 def test_long_generate_with_context_windows_fits(capsys):
     # 40 frames exceed the 32-position table: windows of 16 make it run, frames still sharded.
     rc, report = _generate(["--topology", "v5e-8", "--frames", "40", "--size", "64",

@@ -3,9 +3,12 @@
 import json
 from pathlib import Path
 
+import pytest
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "freeanimate_tpu.ipynb"
 
 
+@pytest.mark.slow
 def test_tpu_notebook_runs_on_cpu_with_tiny_models(tmp_path, monkeypatch):
     monkeypatch.setenv("FREEANIMATE_TINY", "1")
     monkeypatch.chdir(tmp_path)

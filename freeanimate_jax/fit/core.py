@@ -184,6 +184,8 @@ def format_table(r: dict, title: str, notes: list[str]) -> str:
         lines.append(f"{st['name']:<28}|{gib(st['args'])} |{gib(st['temps'])} |"
                      f"{gib(st['outputs'])} |{gib(st['total'])} |{gib(st['peak'])} | "
                      f"{'yes' if st['fits'] else 'NO':<4} | {st['compile_s']:.0f}s")
+    lines += [f"{st['name']}: also {', '.join(st['repeats'])} (the same compiled program; its "
+              f"peak counted above)" for st in r["stages"] if st["repeats"]]
     # Executables live in HBM too, outside the buffers above; jit keeps each stage's loaded.
     lines.append(f"generated code: {gib(sum(st['code'] for st in r['stages'])).strip()} GiB "
                  f"per chip over these stages")
