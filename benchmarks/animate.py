@@ -36,6 +36,7 @@ from freeanimate_jax.diffusion.ddim import SchedulerConfig
 from freeanimate_jax.models import known_configs as kc
 from freeanimate_jax.pipelines.animate import AnimateSettings, FreeAnimate
 from freeanimate_jax.pipelines.common import Pure
+from freeanimate_jax.pipelines.core import until_flags
 from freeanimate_jax.weights.convert import export_state_dict
 from freeanimate_jax.weights.loader import build
 from freeanimate_jax.weights.pipeline import SDPipelineModels
@@ -101,7 +102,7 @@ def count_evals(s: AnimateSettings) -> dict[str, dict[str, int]]:
     branches = 2 if s.cfg else 1  # classifier-free guidance: cond + uncond
     # `recompute` reruns the preview branch at the steps where IBA is on (a lax.cond, so only
     # those steps pay); with no IBA layer the rerun captures nothing and XLA drops it.
-    reruns = min(steps, round(s.iba_until * steps)) \
+    reruns = int(until_flags(steps, s.iba_until).sum()) \
         if s.cache_mode == "recompute" and s.iba_layers else 0
     return {
         "reference inversion": {"unet_cn": 0, "unet_only": steps},

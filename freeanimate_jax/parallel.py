@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from freeanimate_jax.models.attention import Runtime
+from freeanimate_jax.models.attention import KERNEL_FOR_PLATFORM, Runtime
 
 FRAMES, DATA = "frames", "data"
 
@@ -109,6 +109,14 @@ class MeshLayout:
     def constrain(self, x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, self.sharding(x.shape, logical))
 
+    def frame_axis(self, shape: Sequence[int], axis: int | None) -> NamedSharding:
+        """Where a pipeline buffer lives: its frame axis `axis` named `frames`, or replicated
+        (`axis` None)."""
+        logical: list[str | None] = [None] * len(shape)
+        if axis is not None:
+            logical[axis] = "frames"
+        return self.sharding(shape, logical)
+
     def per_shard(self, fn: Callable[..., jax.Array], *args: jax.Array, axis: str) -> jax.Array:
         """`fn` run on each device's slice of the leading axis (named `axis`) of every arg:
         Mosaic (Pallas TPU) kernels are not partitioned automatically."""
@@ -119,7 +127,7 @@ class MeshLayout:
 
 def kernel_for(platform: str) -> str:
     """The attention kernel a platform runs: cuDNN on GPUs, Pallas flash on TPUs, else XLA."""
-    return {"gpu": "cudnn", "cuda": "cudnn", "tpu": "tpu_flash"}.get(platform, "xla")
+    return KERNEL_FOR_PLATFORM.get(platform, "xla")
 
 
 def runtime(mesh: Mesh | None, *, kernel: str | None = None,

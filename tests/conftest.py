@@ -45,3 +45,20 @@ def tiny_video(_tiny_family, _tiny_motion_unet):
                                    controlnet=_tiny_family.controlnet if controlnet else None)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def fresh_tiny():
+    """`fresh_tiny(video=False)`: a newly built tiny family (the same weights as `tiny()`), for
+    tests whose pipelines place the weights on a mesh in place: the shared ones stay on one
+    device."""
+    def make(video: bool = False):
+        from freeanimate_jax.demo import tiny_models, tiny_motion_adapter
+        from freeanimate_jax.models.motion import UNetMotionModel
+
+        models = tiny_models(seed=0)
+        if video:
+            models.unet = UNetMotionModel.from_unet2d(models.unet, tiny_motion_adapter())
+        return models
+
+    return make

@@ -74,17 +74,15 @@ class FakeAnimate:
         return AnimateResult(frames, frames.copy(), {"denoise": 0.01})
 
 
-def lower_plan(plan, specs, mesh) -> dict[str, str]:
+def lower_plan(pipeline, plan, specs) -> dict[str, str]:
     """Lower every step of a pipeline's plan on its `input_specs` as the run calls it (each
-    through `Stage.lower`, buffers placed by `core.placement`); returns each stage's compiled
-    HLO text."""
+    through `Stage.lower`, buffers placed by the pipeline's `placement`); returns each stage's
+    compiled HLO text."""
     import jax
-
-    from freeanimate_jax.pipelines.core import placement
 
     def place(tree, axis):
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-            a.shape, a.dtype, sharding=placement(mesh, len(a.shape), axis)), tree)
+            a.shape, a.dtype, sharding=pipeline.placement(a.shape, axis)), tree)
 
     live = {k: place(v, axis) for k, (v, axis) in specs.items()}
     texts = {}

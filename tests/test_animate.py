@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from freeanimate_jax import parallel
-from freeanimate_jax.demo import TINY_SIZE, tiny_models
+from freeanimate_jax.demo import TINY_SIZE
 from freeanimate_jax.models.attention import AttnControl, LayerInputs
 from freeanimate_jax.pipelines.animate import AnimateSettings, FreeAnimate
 from tests.helpers import np_anchored_attention
@@ -18,8 +18,8 @@ BASE = AnimateSettings(steps=3, preview_steps=3, guidance_scale=5.0, iba_until=0
 
 
 @pytest.fixture(scope="module")
-def models():
-    return tiny_models(seed=0)
+def models(tiny):
+    return tiny()
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +62,11 @@ def test_iba_and_ra_sa_are_not_no_ops(models, inputs, baseline, switch_off):
     assert _maxdiff(_run(models, inputs, **switch_off), baseline) > 1e-3
 
 
-def test_one_device_and_eight_devices_give_the_same_frames(models, inputs, baseline):
+def test_one_device_and_eight_devices_give_the_same_frames(fresh_tiny, inputs, baseline):
     assert jax.device_count() == 8
     mesh = parallel.make_mesh()
     assert parallel.padded_frames(FRAMES, mesh) == 8
-    assert _maxdiff(_run(models, inputs, mesh=mesh), baseline) <= 1e-5
+    assert _maxdiff(_run(fresh_tiny(), inputs, mesh=mesh), baseline) <= 1e-5
 
 
 def test_padding_frames_never_changes_real_frames():
@@ -97,14 +97,10 @@ def test_ra_sa_inside_the_unet_equals_hand_computed_anchored_attention(models):
     np.testing.assert_allclose(np.asarray(cap[path]["output"]), expected, atol=1e-5, rtol=0)
 
 
-def test_animate_with_a_motion_module(models, inputs):
+def test_animate_with_a_motion_module(models, tiny_video, inputs):
     """FreeAnimate with AnimateDiff's motion modules inserted: frames become one video, and the
     temporal layers change the result."""
-    from freeanimate_jax.demo import tiny_motion_adapter
-    from freeanimate_jax.models.motion import UNetMotionModel
-
-    video = dataclasses.replace(models, unet=UNetMotionModel.from_unet2d(
-        models.unet, tiny_motion_adapter()))
+    video = tiny_video(controlnet=True)
     assert video.unet.has_motion and not models.unet.has_motion
     frames = FreeAnimate(video, BASE)(*inputs, "a dancer").frames
     assert frames.shape == (FRAMES, TINY_SIZE, TINY_SIZE, 3) and np.isfinite(frames).all()
@@ -113,7 +109,7 @@ def test_animate_with_a_motion_module(models, inputs):
 
 
 @pytest.mark.slow
-def test_animate_with_motion_on_eight_devices_equals_one_device(tiny_video):
+def test_animate_with_motion_on_eight_devices_equals_one_device(tiny_video, fresh_tiny):
     """FreeAnimate with motion modules, frames sharded over 8 devices: the temporal attention's
     frames -> tokens reshard makes the same video as one device, through all-to-alls."""
     import re
@@ -127,12 +123,12 @@ def test_animate_with_motion_on_eight_devices_equals_one_device(tiny_video):
     s = dataclasses.replace(BASE, steps=2, preview_steps=2)
     one = FreeAnimate(tiny_video(controlnet=True), s)(reference, poses, "a dancer").frames
     mesh = parallel.make_mesh()
-    pipe = FreeAnimate(tiny_video(controlnet=True), s, mesh=mesh)
+    pipe = FreeAnimate(fresh_tiny(video=True), s, mesh=mesh)
     eight = pipe(reference, poses, "a dancer").frames
     assert _maxdiff(eight, one) <= 1e-5
     # The run's own denoise program: one reshard into and one out of every temporal attention
     # of both CFG branches, as all-to-alls; nothing is gathered onto every device.
-    texts = lower_plan(pipe.plan(s), pipe.input_specs(8, (TINY_SIZE, TINY_SIZE), s), mesh)
+    texts = lower_plan(pipe, pipe.plan(s), pipe.input_specs(8, (TINY_SIZE, TINY_SIZE), s))
     modules = sum(isinstance(n, MotionModule) for _, n in nnx.iter_graph(pipe.models.unet))
     assert modules == 7
     for stage in ("preview", "denoise"):
@@ -151,10 +147,10 @@ def test_named_noise_streams_are_independent_and_per_frame():
                                   np.asarray(frame_noise(0, 4, (2, 2, 4))))
 
 
-def test_a_mesh_puts_every_weight_on_every_device_once():
+def test_a_mesh_puts_every_weight_on_every_device_once(fresh_tiny):
     # Placed at construction, in place: jit then finds the weights where it wants them instead
     # of copying them from the first device at each stage (which would hold them twice).
-    fresh = tiny_models(seed=0)
+    fresh = fresh_tiny()
     mesh = parallel.make_mesh()
     FreeAnimate(fresh, AnimateSettings(steps=2), mesh=mesh)
     target = parallel.replicated(mesh)

@@ -143,6 +143,7 @@ def _v5e_mesh():
     return parallel.make_mesh(devices=topologies.get_topology_desc("v5e:2x2", "tpu").devices)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head_dim", [40, 80, 160])
 def test_tpu_flash_kernel_compiles_ahead_of_time_for_v5e(head_dim):
     from jax.sharding import NamedSharding
@@ -166,6 +167,7 @@ def test_tpu_flash_kernel_compiles_ahead_of_time_for_v5e(head_dim):
     assert compiled.memory_analysis().argument_size_in_bytes > 0
 
 
+@pytest.mark.slow
 def test_tiny_unet_compiles_for_v5e_with_the_flash_kernel(tmp_path):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P

@@ -284,3 +284,16 @@ def test_animatediff_runbooks_use_the_originals_sampling():
         "v3_sd15_adapter.ckpt", 1.0)
     # Otherwise the same job.
     assert dataclasses.replace(v3, motion_module=v2.motion_module, domain_adapter="") == v2
+
+
+def test_settings_and_config_import_no_jax():
+    # The command line checks its arguments with these before any device work.
+    import subprocess
+    import sys
+
+    code = ("import sys, freeanimate_jax.config, freeanimate_jax.pipelines.settings, "
+            "freeanimate_jax.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('jax', 'flax', 'jaxlib')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from freeanimate_jax.demo import TINY_CONFIGS, TINY_SIZE, tiny_tokenizer
+from freeanimate_jax.demo import TINY_CONFIGS, TINY_SIZE, tiny_models, tiny_tokenizer
 from freeanimate_jax.pipelines.animate import AnimateSettings, FreeAnimate
 from freeanimate_jax.pipelines.core import controlnet_scales, until_flags
 from freeanimate_jax.pipelines.generate import Generate, GenerateSettings
@@ -141,6 +141,11 @@ def test_a_second_call_with_other_settings_compiles_nothing(tiny, animate_inputs
     assert compiles.count == 0
     np.testing.assert_array_equal(second.frames, fresh.frames)
     np.testing.assert_array_equal(second.preview, fresh.preview)
+    # Models of the same architecture built separately (other weights) share them as well.
+    other = tiny_models(seed=5)
+    with compiles:
+        FreeAnimate(other, FIRST)(*animate_inputs, "a dancer")
+    assert compiles.count == 0
 
 
 def test_latents_equal_to_the_pipelines_own_noise_give_identical_frames(tiny, animate_inputs):
@@ -171,26 +176,26 @@ def test_generate_second_call_compiles_nothing_and_latents(tiny_video, compiles)
                                   second.frames)
 
 
-def test_program_fixing_settings_are_the_rest():
+def test_call_time_settings_and_what_fixes_the_program():
     s = AnimateSettings()
-    program = dict(s.program())
-    assert set(AnimateSettings.CALL_TIME).isdisjoint(program)
-    assert program["cfg"] is True and program["eta_noise"] is False
-    assert dict(dataclasses.replace(s, guidance_scale=1.0).program())["cfg"] is False
+    assert set(AnimateSettings.CALL_TIME) == {
+        "guidance_scale", "negative_prompt", "eta", "seed", "controlnet_scale",
+        "controlnet_start", "controlnet_end", "iba_until", "ra_sa_until"}
+    assert s.cfg and not dataclasses.replace(s, guidance_scale=1.0).cfg  # as diffusers
+    assert s.with_call(clip_skip=None, seed=4) == dataclasses.replace(s, seed=4)
     with pytest.raises(TypeError, match="unknown setting"):
         s.with_call(guidance=3.0)
 
 
-def test_fit_lowers_exactly_the_arguments_the_run_passes(tiny):
+def test_fit_lowers_exactly_the_arguments_the_run_passes(fresh_tiny):
     """Every stage of a sharded run (8 devices, frames padded) receives arguments with the
-    shapes, dtypes and shardings fit lowers it with: pipeline `input_specs` placed by
-    `core.placement`, later stages fed the declared placement of earlier outputs."""
+    shapes, dtypes and shardings fit lowers it with: pipeline `input_specs` placed by the
+    pipeline's `placement`, later stages fed the declared placement of earlier outputs."""
     from freeanimate_jax import parallel
-    from freeanimate_jax.pipelines.core import placement
 
     mesh = parallel.make_mesh()
     s = AnimateSettings(steps=2, preview_steps=1)
-    pipe = FreeAnimate(tiny(), s, mesh=mesh)
+    pipe = FreeAnimate(fresh_tiny(), s, mesh=mesh)
     rng = np.random.default_rng(2)
     ref = rng.integers(0, 256, (TINY_SIZE, TINY_SIZE, 3), np.uint8)
     poses = rng.integers(0, 256, (FRAMES, TINY_SIZE, TINY_SIZE, 3), np.uint8)
@@ -199,7 +204,7 @@ def test_fit_lowers_exactly_the_arguments_the_run_passes(tiny):
 
     def place(tree, axis):
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-            a.shape, a.dtype, sharding=placement(mesh, len(a.shape), axis)), tree)
+            a.shape, a.dtype, sharding=pipe.placement(a.shape, axis)), tree)
 
     fit = {k: place(v, axis) for k, (v, axis) in
            pipe.input_specs(FRAMES, (TINY_SIZE, TINY_SIZE), s).items()}

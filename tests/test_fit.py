@@ -68,6 +68,7 @@ def test_settings_parse_by_field_type():
     assert load_job(None, ["animate.clip_skip=2"]).settings().clip_skip == 2
 
 
+@pytest.mark.slow
 def test_over_budget_exits_1(capsys):
     # A deliberately tiny HBM budget: the compile succeeds, our check refuses.
     rc = main(["animate", "--topology", "v5e-1", "--frames", "4096", "--size", "64", "--tiny",

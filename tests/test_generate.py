@@ -5,8 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from freeanimate_jax.demo import TINY_SIZE, tiny_models, tiny_motion_adapter
-from freeanimate_jax.models.motion import UNetMotionModel
+from freeanimate_jax.demo import TINY_SIZE
 from freeanimate_jax.pipelines.context import freenoise_order, make_windows
 from freeanimate_jax.pipelines.generate import Generate, GenerateSettings
 
@@ -41,11 +40,8 @@ def test_freenoise_reuses_shuffled_noise_within_stride_groups():
 
 
 @pytest.fixture(scope="module")
-def video_models():
-    models = tiny_models(seed=0)
-    models.unet = UNetMotionModel.from_unet2d(models.unet, tiny_motion_adapter())
-    models.controlnet = None
-    return models
+def video_models(tiny_video):
+    return tiny_video()
 
 
 BASE = GenerateSettings(frames=8, steps=2, guidance_scale=6.0, seed=1)
@@ -70,15 +66,14 @@ def test_long_video_needs_windows_and_works_with_them(video_models):
     assert long.shape == (40, TINY_SIZE, TINY_SIZE, 3) and np.isfinite(long).all()
 
 
-def test_sharded_frames_with_controlnet_equal_one_device():
+def test_sharded_frames_with_controlnet_equal_one_device(fresh_tiny):
     # 8 frames over 8 virtual devices, a per-frame ControlNet on random control images: the
     # temporal attention's frames->tokens resharding must leave the video unchanged.
     import jax
 
     from freeanimate_jax import parallel
 
-    models = tiny_models(seed=0)
-    models.unet = UNetMotionModel.from_unet2d(models.unet, tiny_motion_adapter())
+    models = fresh_tiny(video=True)
     poses = np.random.default_rng(0).integers(0, 256, (8, TINY_SIZE, TINY_SIZE, 3), np.uint8)
     s = dataclasses.replace(BASE, eta=0.5)  # eta noise: per-frame streams under sharding too
     one = Generate(models, s)("a cat", (TINY_SIZE, TINY_SIZE), poses).frames

@@ -63,12 +63,12 @@ def test_an_undivided_dimension_is_replicated_by_rule():
     assert layout.spec((1, 3), ("frames", None)) == P(None, None)  # the single reference
 
 
-def test_the_product_raises_for_a_missing_rule(tiny_video, tiny):
+def test_the_product_raises_for_a_missing_rule(fresh_tiny):
     # FreeAnimate with motion modules on a mesh whose rules lack the temporal tokens' axis:
     # the layer's constraint is not silently skipped.
     mesh = parallel.make_mesh()
     runtime = parallel.runtime(mesh, rules=(("frames", (parallel.DATA, parallel.FRAMES)),))
-    pipe = FreeAnimate(tiny_video(controlnet=True), AnimateSettings(steps=1, preview_steps=1),
+    pipe = FreeAnimate(fresh_tiny(video=True), AnimateSettings(steps=1, preview_steps=1),
                        mesh=mesh, runtime=runtime)
     rng = np.random.default_rng(0)
     ref = rng.integers(0, 256, (64, 64, 3), np.uint8)

@@ -7,9 +7,11 @@ bad arguments (one line on stderr).
         [key=value ...]
 
 Settings come from the same runbooks and `key=value` overrides as `freeanimate animate` and
-`generate` (`animate.steps=30`, `generate.context_length=16`, `size=[512,384]`), read by the
-same loader; the models are SD1.5's architecture (or the tiny family: `--tiny`, or
-`model=builtin:tiny`), built abstractly.
+`generate` (`animate.steps=30`, `generate.context_length=16`, `size=[512,384]`, `dtype`),
+read by the same loader. The models are SD1.5's architecture (or the tiny family: `--tiny`,
+or `model=builtin:tiny`), built abstractly: their weights' files are not read, so a runbook's
+model ids do not change the fit, and the motion-module layout of `fit generate` is `--motion`
+(v1, v2, v3); a runbook's `controlnet` adds the ControlNet as `--controlnet` does.
 """
 
 from __future__ import annotations
@@ -105,7 +107,9 @@ def _plan(argv: list[str]):
     multiple = 8 * (2 if tiny else 8)
     if size_hw[0] % multiple or size_hw[1] % multiple:
         raise UsageError(f"size {job.size} must be a multiple of {multiple}")
-    common = dict(tiny=tiny, hbm_gib=a.hbm_gib, log=_progress)
+    # The runbook's dtype; "auto" is what a TPU runs: bfloat16.
+    dtype = "bfloat16" if job.dtype == "auto" else job.dtype
+    common = dict(tiny=tiny, dtype=dtype, hbm_gib=a.hbm_gib, log=_progress)
     settings = job.settings()
     if a.pipeline == "animate":
         from freeanimate_jax.fit import animate
@@ -128,8 +132,10 @@ def _plan(argv: list[str]):
         raise UsageError(f"unknown --motion {a.motion!r}; expected one of "
                          f"{', '.join(generate.MOTION_VERSIONS)}")
     only = _stages(a.stages, generate.STAGES)
+    # A per-frame ControlNet: --controlnet, or a runbook that names one.
+    controlnet = a.controlnet or bool(job.controlnet)
     return (lambda: generate.fit_generate(
-        a.topology, settings, size_hw, motion=a.motion, controlnet=a.controlnet, only=only,
+        a.topology, settings, size_hw, motion=a.motion, controlnet=controlnet, only=only,
         **common)), None if a.json else generate.format_report
 
 

@@ -86,9 +86,7 @@ def _prepare(args: argparse.Namespace, job: GenerateJob) -> run.VideoRun:
 
         result = generate.Generate(models, settings, mesh=mesh, progress=progress)(
             job.prompt, job.size_hw, poses)
-        # The record's established name for the decode; "total" is the run's own.
-        timings = {("decode" if k == "VAE decode" else k): v for k, v in result.timings.items()
-                   if k != "total"}
+        timings = {k: v for k, v in result.timings.items() if k != "total"}  # the run's own
         sheet = {"pose": poses, "result": result.frames} if poses is not None \
             else {"result": result.frames}
         return run.Sampled(result.frames, sheet, timings)

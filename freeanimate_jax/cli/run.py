@@ -44,6 +44,8 @@ class OutputError(ValueError):
 
 
 USER_ERRORS = (ConfigError, PoseError, InputError, WeightsError, OutputError)
+# Stage timings keep the names run records have always used.
+RECORD_NAMES = {"text encoder": "text", "VAE encode": "encode", "VAE decode": "decode"}
 
 
 # -- progress -----------------------------------------------------------------------------------
@@ -72,9 +74,7 @@ class ConsoleProgress(Progress):
             self.write(text + "\n")
 
 
-
-
-# -- options both video commands share ---------------------------------------------
+# -- options both video commands share ----------------------------------------------------------
 def config_epilog(schema: type[Job]) -> str:
     def names(cls: type) -> str:
         return ", ".join(f.name for f in dataclasses.fields(cls) if f.name != schema.SECTION)
@@ -391,7 +391,8 @@ def run_video(args: argparse.Namespace, job: Job, outputs: Outputs, started: flo
         result = video.sample(models, mesh, progress)
     check_finite(result.frames, **result.also_finite)
     sheet = contact_sheet(result.sheet, rows=job.sheet_rows)
-    timings = {"load_models": load_s, **result.timings, "total": time.perf_counter() - started}
+    stages = {RECORD_NAMES.get(k, k): v for k, v in result.timings.items()}
+    timings = {"load_models": load_s, **stages, "total": time.perf_counter() - started}
     record = run_record(args, job, dtype, mesh, outputs, result.frames, video.inputs, timings)
     write_outputs(outputs, result.frames, sheet, record, job.fps, progress)
     return 0

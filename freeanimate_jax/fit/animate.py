@@ -74,8 +74,8 @@ def iba_cache(models, settings, latent_hw: tuple[int, int], dtype) -> dict:
 
 
 def fit_animate(topology: str, frames: int, size_hw: tuple[int, int], settings, *,
-                tiny: bool = False, hbm_gib: float | None = None, only: set[str] | None = None,
-                log=lambda msg: None) -> dict:
+                tiny: bool = False, dtype: str = "bfloat16", hbm_gib: float | None = None,
+                only: set[str] | None = None, log=lambda msg: None) -> dict:
     """Lower every stage of the plan (later stages take earlier ones' output shapes) and
     compile those in `only` (default: all); returns the report `format_report` prints."""
     import jax.numpy as jnp
@@ -84,16 +84,15 @@ def fit_animate(topology: str, frames: int, size_hw: tuple[int, int], settings, 
     from freeanimate_jax.pipelines.animate import FreeAnimate
 
     fit = Fitter(topology, hbm_gib=hbm_gib, only=only, log=log)
-    dtype, s = jnp.bfloat16, settings
+    s, dtype = settings, jnp.dtype(dtype)
     models = abstract_models(tiny, dtype)
     fa = FreeAnimate(models, s, mesh=fit.mesh, progress=None)
     n_pad, down = parallel.padded_frames(frames, fit.mesh), models.vae.downscale
-    fit.add(fa.input_specs(frames, size_hw, s))
-    fit.run(fa.plan(s))
+    fit.run(fa, fa.plan(s), fa.input_specs(frames, size_hw, s))
     per_step = iba_cache(models, s, (size_hw[0] // down, size_hw[1] // down), dtype)
     return fit.report(
-        pipeline="animate", frames=frames, padded_frames=n_pad, size=list(size_hw), tiny=tiny,
-        settings=dataclasses.asdict(s),
+        dtype=dtype.name, pipeline="animate", frames=frames, padded_frames=n_pad,
+        size=list(size_hw), tiny=tiny, settings=dataclasses.asdict(s),
         cache={"mode": s.cache_mode, "layers": per_step["layers"],
                "bytes_per_frame_step": {m: per_step[m] for m in ("hidden", "maps",
                                                                  "recompute")},
@@ -108,7 +107,7 @@ def format_report(r: dict) -> str:
     title = (f"FreeAnimate on {r['topology']} ({chips_text(r)}, {r['hbm_bytes'] / GiB:.2f} "
              f"GiB usable per chip): {r['frames']} frames ({r['padded_frames']} computed) at "
              f"{size_text(r['size'])}, {r['settings']['steps']} steps, cache_mode="
-             f"{c['mode']}{', tiny models' if r['tiny'] else ''}")
+             f"{c['mode']}, {r['dtype']}{', tiny models' if r['tiny'] else ''}")
     notes = [
         "IBA cache per frame per step: " + ", ".join(
             f"{m} {per[m] / 2 ** 20:.3f} MiB" for m in per) + f" ({len(c['layers'])} layers)",

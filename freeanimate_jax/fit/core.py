@@ -81,21 +81,15 @@ class Fitter:
         self.live: dict = {}
         self.fits: list[StageFit] = []
         self._seen: dict[Any, StageFit] = {}
+        self._placement = None
 
     def place(self, tree, axis: int | None):
-        """Abstract arrays as a pipeline holds them (`core.placement`: frames sharded on
+        """Abstract arrays as the pipeline holds them (its `placement`: frames sharded on
         `axis`, or replicated)."""
         import jax
 
-        from freeanimate_jax.pipelines.core import placement
-
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-            a.shape, a.dtype, sharding=placement(self.mesh, len(a.shape), axis)), tree)
-
-    def add(self, buffers: dict[str, tuple[Any, int | None]]) -> None:
-        """Named abstract buffers, each (shapes, frame axis or None), placed on the mesh."""
-        for key, (tree, axis) in buffers.items():
-            self.live[key] = self.place(tree, axis)
+            a.shape, a.dtype, sharding=self._placement(a.shape, axis)), tree)
 
     @staticmethod
     def per_chip(tree) -> int:
@@ -105,7 +99,12 @@ class Fitter:
         return sum(math.prod(a.sharding.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize
                    for a in jax.tree.leaves(tree))
 
-    def run(self, plan) -> None:
+    def run(self, pipeline, plan, specs: dict[str, tuple[Any, int | None]]) -> None:
+        """`pipeline`'s `plan` on its `input_specs` (each buffer: shapes, frame axis or None),
+        placed as the pipeline places them."""
+        self._placement = pipeline.placement
+        for key, (tree, axis) in specs.items():
+            self.live[key] = self.place(tree, axis)
         for step in plan:
             self.stage(step)
 
@@ -156,7 +155,7 @@ class Fitter:
         return {
             "topology": self.topology, "libtpu_topology": self.libtpu_topology,
             "chips": self.mesh.size, "hbm_bytes": hbm,
-            "hbm_nominal_gib": HBM_GIB[self.family][0], "dtype": "bfloat16", **fields,
+            "hbm_nominal_gib": HBM_GIB[self.family][0], **fields,
             "stages": [dict(dataclasses.asdict(st), total=st.total, peak=st.peak,
                             fits=st.error is None and st.peak <= hbm) for st in self.fits],
             "fits": ok,

@@ -37,8 +37,9 @@ def abstract_video_models(tiny: bool, version: str, controlnet: bool, dtype):
 
 
 def fit_generate(topology: str, settings, size_hw: tuple[int, int], *, motion: str = "v3",
-                 controlnet: bool = False, tiny: bool = False, hbm_gib: float | None = None,
-                 only: set[str] | None = None, log=lambda msg: None) -> dict:
+                 controlnet: bool = False, tiny: bool = False, dtype: str = "bfloat16",
+                 hbm_gib: float | None = None, only: set[str] | None = None,
+                 log=lambda msg: None) -> dict:
     """Lower and compile (those in `only`; default all) the stages `Generate.__call__` runs for
     `settings.frames` frames at `size_hw`; returns the report."""
     import jax
@@ -48,7 +49,7 @@ def fit_generate(topology: str, settings, size_hw: tuple[int, int], *, motion: s
     from freeanimate_jax.pipelines.generate import Generate
 
     fit = Fitter(topology, hbm_gib=hbm_gib, only=only, log=log)
-    s, dtype = settings, jnp.bfloat16
+    s, dtype = settings, jnp.dtype(dtype)
     models = abstract_video_models(tiny, motion, controlnet, dtype)
     gen = Generate(models, s, mesh=fit.mesh, progress=None)  # refuses frames it cannot shard
     # As `freeanimate generate` does: refuse before compiling, not minutes into a trace.
@@ -57,12 +58,12 @@ def fit_generate(topology: str, settings, size_hw: tuple[int, int], *, motion: s
         raise ValueError(f"{window} frames exceed the motion module's position table "
                          f"({limit}); give generate.context_length=N (context windows) for "
                          f"longer videos")
-    fit.add(gen.input_specs(size_hw, s, controlnet))
-    fit.run(gen.plan(s, controlnet))
+    fit.run(gen, gen.plan(s, controlnet), gen.input_specs(size_hw, s, controlnet))
     leaves = jax.tree_util.tree_flatten_with_path(gen.pure["unet"].state)[0]
     return fit.report(
-        pipeline="generate", frames=s.frames, padded_frames=s.frames, size=list(size_hw),
-        tiny=tiny, motion=motion, controlnet=controlnet, settings=dataclasses.asdict(s),
+        dtype=dtype.name, pipeline="generate", frames=s.frames, padded_frames=s.frames,
+        size=list(size_hw), tiny=tiny, motion=motion, controlnet=controlnet,
+        settings=dataclasses.asdict(s),
         windows=int(gen.windows().count), unet_params=sum(a.size for _, a in leaves),
         motion_params=sum(a.size for p, a in leaves
                           if "motion_modules" in jax.tree_util.keystr(p)))
@@ -72,7 +73,8 @@ def format_report(r: dict) -> str:
     s = r["settings"]
     title = (f"AnimateDiff generate on {r['topology']} ({chips_text(r)}, "
              f"{r['hbm_bytes'] / GiB:.2f} GiB usable per chip): {r['frames']} frames at "
-             f"{size_text(r['size'])}, {s['steps']} steps, guidance {s['guidance_scale']}, "
+             f"{size_text(r['size'])}, {r['dtype']}, {s['steps']} steps, guidance "
+             f"{s['guidance_scale']}, "
              f"{'tiny models' if r['tiny'] else 'SD1.5'} + {r['motion']}-layout motion module"
              f"{' + openpose ControlNet' if r['controlnet'] else ''}")
     notes = [f"UNet with motion modules: {r['unet_params']:,} parameters, "

@@ -38,12 +38,15 @@ def _staging_path(target: Path, kind: str) -> Path:
 
 @contextlib.contextmanager
 def staged(target: str | Path, *, folder: bool = False, overwrite: bool = True,
-           complete: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+           complete: Callable[[Path], bool] | None = None,
+           keep_complete: bool = False) -> Iterator[Path]:
     """A staging file (or folder) that replaces `target` when the block succeeds.
 
     `overwrite=False` refuses an existing target up front (FileExistsError). `complete`: a
     check that a target written by someone else is whole; when it holds after our rename
-    failed, a concurrent writer published the same thing first and theirs is kept.
+    failed, a concurrent writer published the same thing first and theirs is kept. With
+    `keep_complete` a complete target is never replaced (a cache entry another process
+    finished while we worked on the same one): ours is dropped.
     """
     target = Path(target)
     if target.exists() and not overwrite:
@@ -56,6 +59,8 @@ def staged(target: str | Path, *, folder: bool = False, overwrite: bool = True,
         staging.mkdir()
     try:
         yield staging
+        if keep_complete and complete is not None and complete(target):
+            return  # someone else's finished copy of the same thing: theirs stays
         if not folder:
             _plain_permissions(staging)
         elif target.exists():  # a rename cannot replace a non-empty folder: move it aside

@@ -11,11 +11,10 @@ each layer should use instead of or beside its own inputs:
   ``K_pre = W_k [h_pre ; anchor]``); values come from the current input.
 - ``maps``: IBA cache in ``maps`` form: the inversion's softmax maps (B, heads, Lq, Lk),
   applied to the current values. Tiny shapes only: memory is O(L^2).
-- ``anchor_on`` / ``iba_on``: optional traced booleans (a scalar, or one per batch element)
-  switching the anchor / the IBA cache on or off for this call, so one scan body serves steps
-  with and without them. A gated-off anchor is replaced by the keys' own source (attention over
-  ``[h ; h]`` equals attention over ``h``: duplicated keys leave the softmax unchanged), so
-  shapes never change.
+- ``anchor_on`` / ``iba_on``: optional traced booleans switching the anchor / the IBA cache
+  on or off for this call, so one scan body serves steps with and without them. A gated-off
+  anchor is replaced by the keys' own source (attention over ``[h ; h]`` equals attention over
+  ``h``: duplicated keys leave the softmax unchanged), so shapes never change.
 
 and static policy: which layers capture their attention input (``hidden``), their softmax maps
 (``maps``) or their projected output (``output``), and an optional in-batch anchor
@@ -50,6 +49,7 @@ from freeanimate_jax.models.layers import GroupNorm, Linear
 
 Array = jax.Array
 KERNELS = ("auto", "xla", "cudnn", "tpu_flash")
+KERNEL_FOR_PLATFORM = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "tpu_flash"}  # else "xla"
 _TPU_BLOCK = 128
 
 
@@ -83,7 +83,7 @@ DEFAULT_RUNTIME = Runtime()
 
 def _pick_kernel(kernel: str, lq: int, lk: int, causal: bool) -> str:
     if kernel == "auto":
-        kernel = {"gpu": "cudnn", "tpu": "tpu_flash"}.get(jax.default_backend(), "xla")
+        kernel = KERNEL_FOR_PLATFORM.get(jax.default_backend(), "xla")
     # The Pallas kernel tiles sequences in 128-blocks; short or ragged sequences (cross-attention
     # to 77 text tokens, the 8x8 mid block) are cheap and go to XLA.
     if kernel == "tpu_flash" and (causal or lq % _TPU_BLOCK or lk % _TPU_BLOCK):
@@ -108,7 +108,7 @@ def apply_maps(maps_bhqk: Array, v_blhd: Array) -> Array:
 
 
 def _tpu_flash(q_blhd: Array, k_blhd: Array, v_blhd: Array, scale: float,
-               layout: Layout | None) -> Array:
+               layout: Layout | None, batch_axis: str) -> Array:
     from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
 
     d = q_blhd.shape[-1]
@@ -121,20 +121,22 @@ def _tpu_flash(q_blhd: Array, k_blhd: Array, v_blhd: Array, scale: float,
 
     if layout is None:
         return kernel(q_blhd, k_blhd, v_blhd)
-    # The batch axis is the frames axis; a batch the mesh does not divide (the single reference
-    # latent) runs replicated, by the layout's rule.
-    return layout.per_shard(kernel, q_blhd, k_blhd, v_blhd, axis="frames")
+    # Per shard of the batch axis (its logical name: `frames` for spatial attention); a batch
+    # the mesh does not divide (the single reference latent) runs replicated, by the layout's
+    # rule.
+    return layout.per_shard(kernel, q_blhd, k_blhd, v_blhd, axis=batch_axis)
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, heads: int, *, causal: bool = False,
-                          scale: float | None = None,
-                          runtime: Runtime = DEFAULT_RUNTIME) -> Array:
-    """Multi-head attention on (B, L, H*D) projections; returns (B, Lq, H*Dv)."""
+                          scale: float | None = None, runtime: Runtime = DEFAULT_RUNTIME,
+                          batch_axis: str = "frames") -> Array:
+    """Multi-head attention on (B, L, H*D) projections; returns (B, Lq, H*Dv). `batch_axis`:
+    the logical axis the batch is (for kernels that run per shard)."""
     q_blhd, k_blhd, v_blhd = (rearrange(t, "b l (h d) -> b l h d", h=heads) for t in (q, k, v))
     scale = 1.0 / math.sqrt(q_blhd.shape[-1]) if scale is None else scale
     kernel = _pick_kernel(runtime.kernel, q.shape[1], k.shape[1], causal)
     if kernel == "tpu_flash":
-        out = _tpu_flash(q_blhd, k_blhd, v_blhd, scale, runtime.layout)
+        out = _tpu_flash(q_blhd, k_blhd, v_blhd, scale, runtime.layout, batch_axis)
     elif kernel == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16):
         out = jax.nn.dot_product_attention(q_blhd, k_blhd, v_blhd, scale=scale,
                                            is_causal=causal, implementation="cudnn")
@@ -221,14 +223,6 @@ def _broadcast_batch(a: Array, b: int, what: str) -> Array:
     raise ValueError(f"{what}: batch {a.shape[0]} does not match the layer's batch {b}")
 
 
-def _where(gate: Array, on: Array, off: Array) -> Array:
-    """`on` where the gate is set; a per-batch gate (B,) selects whole batch elements."""
-    gate = jnp.asarray(gate)
-    if gate.ndim == 1:
-        gate = gate.reshape((-1,) + (1,) * (on.ndim - 1))
-    return jnp.where(gate, on, off)
-
-
 class Attention(nnx.Module):
     """diffusers' `Attention` (to_q/to_k/to_v/to_out.0, optional group_norm) on channels-last
     tokens, routed through `dot_product_attention` and the `AttnControl` contract."""
@@ -237,7 +231,7 @@ class Attention(nnx.Module):
                  heads: int = 8, dim_head: int = 64, bias: bool = False, out_bias: bool = True,
                  norm_num_groups: int | None = None, eps: float = 1e-5,
                  residual_connection: bool = False, rescale_output_factor: float = 1.0,
-                 rngs: nnx.Rngs, param_dtype=jnp.float32):
+                 batch_axis: str = "frames", rngs: nnx.Rngs, param_dtype=jnp.float32):
         inner = heads * dim_head
         kv_dim = cross_attention_dim or query_dim
         self.heads, self.scale = heads, dim_head ** -0.5
@@ -251,6 +245,7 @@ class Attention(nnx.Module):
         self.to_out = nnx.List([Linear(inner, query_dim, bias=out_bias, rngs=rngs,
                                        param_dtype=param_dtype)])
         self.path = ""  # set by `name_attention_layers` once the model is built
+        self.batch_axis = batch_axis  # the logical axis of the batch (temporal: tokens)
 
     def __call__(self, x: Array, context: Array | None = None,
                  ctrl: AttnControl | None = None) -> Array:
@@ -285,11 +280,12 @@ class Attention(nnx.Module):
                 return h
             a = _broadcast_batch(anchor, b, path).astype(h.dtype)
             if inp.anchor_on is not None:  # off: [h ; h], which attends exactly like h alone
-                a = _where(inp.anchor_on, a, h)
+                a = jnp.where(inp.anchor_on, a, h)
             return jnp.concatenate([h, a], 1)
 
         def attention(q: Array, k: Array, v: Array) -> Array:
-            return dot_product_attention(q, k, v, self.heads, scale=self.scale, runtime=runtime)
+            return dot_product_attention(q, k, v, self.heads, scale=self.scale, runtime=runtime,
+                                         batch_axis=self.batch_axis)
 
         v = self.to_v(keys_from(x))
         gate = inp.iba_on
@@ -298,13 +294,13 @@ class Attention(nnx.Module):
             out = rearrange(apply_maps(maps, rearrange(v, "b l (h d) -> b l h d", h=self.heads)),
                             "b l h d -> b l (h d)")
             if gate is not None:
-                out = _where(gate, out, attention(self.to_q(x), self.to_k(keys_from(x)), v))
+                out = jnp.where(gate, out, attention(self.to_q(x), self.to_k(keys_from(x)), v))
         else:
             q_src = x
             if inp.hidden is not None:
                 q_src = _broadcast_batch(inp.hidden, b, path).astype(x.dtype)
                 if gate is not None:
-                    q_src = _where(gate, q_src, x)
+                    q_src = jnp.where(gate, q_src, x)
             q, k = self.to_q(q_src), self.to_k(keys_from(q_src))
             if ctrl is not None and ctrl.wants(path, "maps"):
                 maps = attention_maps(*(rearrange(t, "b l (h d) -> b l h d", h=self.heads)

@@ -123,11 +123,13 @@ class BasicTransformerBlock(nnx.Module):
     def __init__(self, dim: int, heads: int, dim_head: int, cross_dim: int | None, *,
                  positions: int | None = None, rngs: nnx.Rngs, param_dtype):
         kw = dict(rngs=rngs, param_dtype=param_dtype)
+        # A temporal block (with positions) attends over frames: its batch is pixels.
+        axis = "frames" if positions is None else "temporal_tokens"
         self.norm1 = LayerNorm(dim, param_dtype=param_dtype)
-        self.attn1 = Attention(dim, heads=heads, dim_head=dim_head, **kw)
+        self.attn1 = Attention(dim, heads=heads, dim_head=dim_head, batch_axis=axis, **kw)
         self.norm2 = LayerNorm(dim, param_dtype=param_dtype)
         self.attn2 = Attention(dim, cross_attention_dim=cross_dim, heads=heads,
-                               dim_head=dim_head, **kw)
+                               dim_head=dim_head, batch_axis=axis, **kw)
         self.norm3 = LayerNorm(dim, param_dtype=param_dtype)
         self.ff = FeedForward(dim, **kw)
         self.cross = cross_dim is not None

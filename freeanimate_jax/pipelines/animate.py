@@ -226,7 +226,8 @@ class FreeAnimate(Sampler):
             raise ValueError("FreeAnimate needs a ControlNet (the pose branch)")
         super().__init__(models, settings or AnimateSettings(), mesh=mesh, progress=progress,
                          runtime=runtime)
-        Schedule.make(models.scheduler, self.settings.steps)  # an uninvertible schedule: now
+        for steps in {self.settings.steps, self.settings.preview_steps}:
+            Schedule.make(models.scheduler, steps)  # an uninvertible schedule fails now
 
     def plan(self, s: AnimateSettings) -> list[Step]:
         """The stages of one call with settings `s`, over named buffers (see `inputs`)."""
@@ -239,8 +240,8 @@ class FreeAnimate(Sampler):
                         ("unet", "z_ref", "ctx_c"), ((out, None),))
 
         def den(name: str, steps: int, mode: str | None) -> Denoise:
-            return Denoise(unet, cn, rt, sched, steps, name, mode, s.iba_layers, s.cfg,
-                           s.eta > 0, show)
+            iba = s.iba_layers if mode is not None else ()  # the preview has no IBA
+            return Denoise(unet, cn, rt, sched, steps, name, mode, iba, s.cfg, s.eta > 0, show)
 
         weights = ("unet", "controlnet")
         plan = [self.text_step(s),
@@ -296,10 +297,8 @@ class FreeAnimate(Sampler):
         mesh), the control images and the call-time values."""
         n, size_hw = poses.shape[0], tuple(poses.shape[1:3])
         n_pad = parallel.padded_frames(n, self.mesh)
-        if n_pad != n and self.models.unet.has_motion:
-            raise ValueError(f"{n} frames do not divide over {self.mesh.size} devices; with a "
-                             f"motion module padding would change the video: use a multiple "
-                             f"of {self.mesh.size}")
+        if self.models.unet.has_motion:
+            parallel.check_frames(n, self.mesh, "FreeAnimate with a motion module")
         if latents is None:
             noise = frame_noise(s.seed, n_pad, self.latent_shape(size_hw), self.dtype)
         else:

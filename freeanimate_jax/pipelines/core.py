@@ -1,7 +1,6 @@
 """The sampling core: the one place where pipelines run their models.
 
-Every pipeline (FreeAnimate, AnimateDiff generate, and later the trainer's validation) and
-`fit` go through what is here:
+Every pipeline (FreeAnimate, AnimateDiff generate) and `fit` go through what is here:
 
 - **Stages.** A stage is a module-level function compiled with `jax.jit`, whose first argument
   is a frozen, hashable *program*: the graph definitions of the models, the runtime policy
@@ -227,12 +226,6 @@ def abstract(tree) -> Any:
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tree)
 
 
-def placement(mesh, ndim: int, axis: int | None):
-    """Where a stage input lives on `mesh`: frames sharded on `axis`, or replicated (None).
-    The run (`Sampler.place`) and fit (`Fitter.place`) both place buffers by this."""
-    if axis is None:
-        return parallel.replicated(mesh)
-    return parallel.frame_sharding(mesh, ndim, axis)
 
 
 # -- the model evaluation every pipeline makes ------------------------------------------------
@@ -299,12 +292,18 @@ class Sampler:
               eager: bool = False) -> Stage:
         return Stage(name, fn, program, self.mesh, steps, eager)
 
+    def placement(self, shape: Sequence[int], axis: int | None):
+        """Where a buffer of the plan lives on the mesh: its frame axis `axis` sharded by the
+        runtime's layout rules, or replicated (`axis` None). The run (`place`) and fit
+        (`Fitter.run`) both place buffers by this."""
+        layout = self.runtime.layout or parallel.MeshLayout(self.mesh)
+        return layout.frame_axis(shape, axis)
+
     def place(self, value: Any, axis: int | None) -> Any:
-        """A host value as a stage input: frames sharded over the mesh on `axis`, or
-        replicated (`axis` None)."""
+        """A host value as a stage input, placed by `placement`."""
         if self.mesh is None:
             return jax.tree.map(jnp.asarray, value)
-        return jax.tree.map(lambda a: jax.device_put(a, placement(self.mesh, np.ndim(a), axis)),
+        return jax.tree.map(lambda a: jax.device_put(a, self.placement(np.shape(a), axis)),
                             value)
 
     def text_step(self, s: SamplingSettings) -> Step:

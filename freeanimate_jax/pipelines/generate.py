@@ -178,6 +178,8 @@ class Generate(Sampler):
         `GenerateSettings` field, for this call only."""
         s = self.settings.with_call(**settings)
         parallel.check_frames(s.frames, self.mesh, "generate")
+        if poses is not None and len(poses) != s.frames:
+            raise ValueError(f"{len(poses)} control frames for a {s.frames}-frame video")
         controlled = poses is not None and "controlnet" in self.pure
         timings: dict[str, float] = {}
         host = self.host_inputs(self.token_ids(prompt, s.negative_prompt), size_hw, s,

@@ -68,15 +68,9 @@ class SamplingSettings:
 
     @property
     def cfg(self) -> bool:
-        """Whether classifier-free guidance runs (diffusers: guidance_scale > 1)."""
+        """Whether classifier-free guidance runs: guidance_scale above 1, as diffusers decides
+        (below 1 it is the conditional prediction alone, not an extrapolation away from it)."""
         return self.guidance_scale > 1.0
-
-    def program(self) -> tuple:
-        """The values that fix the compiled stages: every field but the call-time ones, plus
-        whether CFG runs and whether eta noise is drawn."""
-        fixed = tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
-                      if f.name not in self.CALL_TIME)
-        return (*fixed, ("cfg", self.cfg), ("eta_noise", self.eta > 0))
 
     @classmethod
     def ordered_fields(cls) -> list[dataclasses.Field]:
@@ -92,7 +86,7 @@ class SamplingSettings:
         if unknown:
             raise TypeError(f"unknown setting(s) {', '.join(unknown)}; expected some of "
                             f"{', '.join(sorted(names))}")
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        return dataclasses.replace(self, **changes)
 
 
 def _fraction(s: SamplingSettings, name: str) -> None:

@@ -1,6 +1,6 @@
 """The model set of a job, assembled: base SD family (+ ControlNet), LoRAs, AnimateDiff's
-domain adapter and motion module. The command line, the notebooks and the trainer use this;
-it knows no command line.
+domain adapter and motion module. Library code, free of the command line (which calls it), so
+notebooks and scripts can assemble a job's models the same way.
 
 Order: local LoRA files are checked and the motion module loaded first, so a wrong one fails
 before a multi-GB download of the base; then the base (a diffusers folder or hub id, a

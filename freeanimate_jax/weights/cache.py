@@ -65,7 +65,8 @@ def save_converted(model: nnx.Module, directory: str | Path, *, config=None,
         raise WeightsError(f"{directory}: already exists (pass overwrite=True to replace it)")
     state = nnx.state(model)
     dtypes = {x.dtype.name for x in jax.tree.leaves(state) if _floating(x)}
-    # A concurrent writer that published a complete copy first wins: it is kept.
+    # Should our rename fail because another process just published a complete copy, its
+    # copy is kept.
     with staged(directory, folder=True, complete=is_complete) as staging:
         with _orbax().StandardCheckpointer() as ckpt:
             ckpt.save(staging / "params", state)

@@ -176,7 +176,7 @@ def _build_entry(path: Path, config_root: Path, entry: Path) -> None:
     attempt is replaced, a complete entry that another process published meanwhile is kept."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=entry.parent, prefix=f".{entry.name}.scratch-") as tmp, \
-            staged(entry, folder=True, complete=is_complete) as model_dir:
+            staged(entry, folder=True, complete=is_complete, keep_complete=True) as model_dir:
         source = path
         if path.suffix.lower() in PICKLE_SUFFIXES:
             # Loaded here with weights_only=True and rewritten as safetensors, so diffusers
