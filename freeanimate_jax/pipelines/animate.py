@@ -230,7 +230,7 @@ class FreeAnimate(Sampler):
             Schedule.make(models.scheduler, steps)  # an uninvertible schedule fails now
 
     def plan(self, s: AnimateSettings) -> list[Step]:
-        """The stages of one call with settings `s`, over named buffers (see `inputs`)."""
+        """The stages of one call with settings `s`, over named buffers (`host_inputs`)."""
         rt, sched, show = self.runtime, self.models.scheduler, self.display
         unet, cn = self.graph("unet"), self.graph("controlnet")
 
