@@ -31,6 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from freeanimate_jax.diffusion.scheduler_config import SchedulerConfig
 from freeanimate_jax.pipelines.settings import AnimateSettings, GenerateSettings
+from freeanimate_jax.train import settings as train_settings
 
 SD15_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 OPENPOSE_CONTROLNET = "lllyasviel/control_v11p_sd15_openpose"
@@ -79,6 +80,8 @@ def _section(name: str, settings: type, *, overrides: bool = False) -> type:
             tp = Optional[tp]  # noqa: UP045
         elif isinstance(f.default, tuple):
             field = dataclasses.field(default_factory=lambda d=f.default: list(d))
+        elif f.default_factory is not dataclasses.MISSING:
+            field = dataclasses.field(default_factory=f.default_factory)
         else:
             field = dataclasses.field(default=f.default)
         fields.append((f.name, tp, field))
@@ -89,6 +92,11 @@ def _section(name: str, settings: type, *, overrides: bool = False) -> type:
 
 
 AnimateConfig = _section("AnimateConfig", AnimateSettings)
+DataSection = _section("DataSection", train_settings.DataConfig)
+NoiseSection = _section("NoiseSection", train_settings.NoiseConfig)
+OptimSection = _section("OptimSection", train_settings.OptimConfig)
+LoopSection = _section("LoopSection", train_settings.LoopConfig)
+ValSection = _section("ValSection", train_settings.ValConfig)
 GenerateConfig = _section("GenerateConfig", GenerateSettings)
 SchedulerOverrides = _section("SchedulerOverrides", SchedulerConfig, overrides=True)
 
@@ -165,6 +173,58 @@ class GenerateJob(Job):
     controlnet: str = ""  # optional here: a per-frame ControlNet driven by --poses
     motion_module: str = MOTION_ADAPTER
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainJob(Job):
+    """Everything `freeanimate train run` needs: the frozen base, the module to train (a new
+    zero-initialised one when `motion_module` is empty), data, noise, optimizer, loop and
+    validation sections (`train/settings.py`)."""
+
+    SECTION: ClassVar[str] = "train"
+    SETTINGS: ClassVar[type] = train_settings.LoopConfig
+
+    controlnet: str = ""
+    motion_module: str = ""  # "" = a new module of layout train.motion, proj_out zeroed
+    size: Any = 256  # training size: the short side is resized to it, then centre-cropped
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    noise: NoiseSection = dataclasses.field(default_factory=NoiseSection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    train: LoopSection = dataclasses.field(default_factory=LoopSection)
+    val: ValSection = dataclasses.field(default_factory=ValSection)
+
+    def sections(self) -> tuple[Any, Any, Any, Any, Any]:
+        """(data, noise, optim, loop, val) as `train.settings` dataclasses, checked."""
+        def make(cls, section):
+            values = {k: list(v) if isinstance(v, list | tuple) else v
+                      for k, v in dataclasses.asdict(section).items()}
+            return cls(**values)
+
+        ts = train_settings
+        out = (make(ts.DataConfig, self.data), make(ts.NoiseConfig, self.noise),
+               make(ts.OptimConfig, self.optim), make(ts.LoopConfig, self.train),
+               make(ts.ValConfig, self.val))
+        ts.check(*out)
+        return out
+
+    def settings(self) -> Any:
+        return self.sections()[3]
+
+
+DEMO_TRAIN_CONFIG: dict[str, Any] = {
+    # Mirrored by configs/train_motion_tiny.yaml. The tiny family, frozen, a new tiny module,
+    # the synthetic moving shapes: learns on a CPU in a few minutes.
+    "model": TINY_MODEL,
+    "size": 64,
+    "dtype": "float32",
+    "data": {"source": "synthetic", "frames": 8, "stride": 1, "synthetic_videos": 64,
+             "synthetic_frames": 12, "caption_dropout": 0.1},
+    "optim": {"lr": 1e-3, "weight_decay": 0.0},
+    "train": {"batch_per_chip": 4, "max_steps": 200, "ckpt_every": 50, "log_every": 10,
+              "output_dir": "runs/demo-train"},
+    "val": {"every": 100, "prompts": ["a red square moving left"], "seeds": [0], "steps": 8,
+            "guidance": 4.0, "frames": 8},
+}
 
 
 DEMO_CONFIG: dict[str, Any] = {
@@ -346,7 +406,7 @@ def _validate(job: Job) -> None:
     if job.sheet_rows < 1:
         raise ConfigError(f"sheet_rows={job.sheet_rows}; expected at least 1")
     section = getattr(job, job.SECTION)  # named by its dotted key (the settings check it too)
-    if section.vae_chunk < 1:
+    if hasattr(section, "vae_chunk") and section.vae_chunk < 1:
         raise ConfigError(f"{job.SECTION}.vae_chunk={section.vae_chunk}; expected at least 1")
     # The tiny family only fits itself; an empty controlnet (generate) is no ControlNet.
     if isinstance(job, AnimateJob) and not job.controlnet:
@@ -372,7 +432,8 @@ def _validate(job: Job) -> None:
     try:
         job.settings()
     except ValueError as e:
-        raise ConfigError(f"{job.SECTION}: {e}") from None
+        raise ConfigError(str(e) if isinstance(job, TrainJob) else f"{job.SECTION}: {e}"
+                          ) from None
 
 
 def load_job(config_file: str | None, overrides: Sequence[str] = (), *,

@@ -4,8 +4,9 @@
     freeanimate animate --demo --out demo.mp4       # tiny built-in models, no download
     freeanimate generate --prompt TEXT --out OUT.mp4 [options] [key=value ...]
     freeanimate fit animate|generate --topology v5e-8 [options] [key=value ...]
+    freeanimate train prepare-data|cache|run|export [options] [key=value ...]
 
-One module per command (`animate`, `generate`, `fit`); what the video commands share, the run
+One module per command (`animate`, `generate`, `fit`, `train`); what the video commands share, the run
 skeleton included, is `run`. Model assembly is the library's (`weights/assemble.py`).
 """
 
@@ -27,10 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="FreeAnimate: animate a reference image with a pose sequence "
         "(Stable Diffusion 1.5 + openpose ControlNet, training-free); AnimateDiff text-to-video.")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{animate,generate,fit}")
+                                metavar="{animate,generate,fit,train}")
     animate.add_parser(sub)
     generate.add_parser(sub)
     sub.add_parser("fit", help="does a job fit a TPU slice? (run `freeanimate fit -h`)",
+                   add_help=False)
+    sub.add_parser("train", help="train motion modules on video (run `freeanimate train -h`)",
                    add_help=False)
     return parser
 
@@ -41,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "fit":  # everything after `fit` belongs to the fit command
         fit = importlib.import_module("freeanimate_jax.cli.fit")
         return int(fit.main(argv[1:]) or 0)
+    if argv and argv[0] == "train":
+        train = importlib.import_module("freeanimate_jax.cli.train")
+        return int(train.main(argv[1:]) or 0)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may also sit between options, where argparse leaves them unparsed.

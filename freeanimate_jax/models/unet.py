@@ -35,6 +35,10 @@ _UNSUPPORTED = {
     "projection_class_embeddings_input_dim": None, "addition_time_embed_dim": None,
     "global_pool_conditions": False, "controlnet_conditioning_channel_order": "rgb",
 }
+# Training's per-block rematerialisation (`remat_policy`); jax.checkpoint's policy None = save
+# nothing.
+REMAT_POLICIES = {"full": None,
+                  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 _DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
 _UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 
@@ -171,6 +175,17 @@ class UNet2DConditionModel(nnx.Module):
         return any(getattr(b, "motion_modules", None) is not None
                    for b in (*self.down_blocks, *self.up_blocks))
 
+    def _checkpointed(self, call):
+        """`call(block, *arrays)`, or its rematerialised form when `remat_policy` (a static
+        training option) asks each block to recompute its activations in the backward pass:
+        "full" saves nothing, "dots_no_batch" keeps the matmuls without batch dimensions."""
+        mode = getattr(self, "remat_policy", "none")
+        if mode == "none":
+            return call
+        if mode not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={mode!r}; expected none or {', '.join(REMAT_POLICIES)}")
+        return nnx.remat(call, policy=REMAT_POLICIES[mode])
+
     @classmethod
     def from_config(cls, config: Mapping, *, rngs: nnx.Rngs,
                     param_dtype=jnp.float32) -> UNet2DConditionModel:
@@ -205,7 +220,8 @@ class UNet2DConditionModel(nnx.Module):
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
-            x, s = block(x, temb, context, attn, frames)
+            x, s = self._checkpointed(lambda b, x, t, c: b(x, t, c, attn, frames))(
+                block, x, temb, context)
             skips += s
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):
@@ -214,14 +230,17 @@ class UNet2DConditionModel(nnx.Module):
             skips = [s + r.reshape(s.shape).astype(dtype) for s, r in
                      zip(skips, down_block_additional_residuals, strict=True)]
         if self.mid_block is not None:
-            x = self.mid_block(x, temb, context, attn, frames)
+            x = self._checkpointed(lambda b, x, t, c: b(x, t, c, attn, frames))(
+                self.mid_block, x, temb, context)
         if mid_block_additional_residual is not None:
             x = x + mid_block_additional_residual.reshape(x.shape).astype(dtype)
         for block in self.up_blocks:
             mine = skips[-len(block.resnets):]
             skips = skips[:-len(block.resnets)]
             size = skips[-1].shape[1:3] if skips else None
-            x = block(x, mine, temb, context, attn, upsample_size=size, frames=frames)
+            x = self._checkpointed(
+                lambda b, x, m, t, c, size=size: b(x, m, t, c, attn, upsample_size=size,
+                                                   frames=frames))(block, x, mine, temb, context)
         x = self.conv_out(self.act(self.conv_norm_out(x)))
         if frames:
             x = rearrange(x, "(b f) h w c -> b f h w c", f=frames)

@@ -1,0 +1,116 @@
+"""Training checkpoints with orbax: only what trains, async, atomic, every N steps, keep K.
+
+Items of a step: `params` (the trained parameters, fp32), `opt` (their optimizer state), `ema`
+(when on) and `record` (JSON: step, data position, config, base model identity, versions). A
+save in progress lives in `<step>.orbax-checkpoint-tmp` and is renamed to `<step>` when it is
+complete, so a killed save is never picked up; leftovers are removed at the next save.
+
+Test-only switch: `FREEANIMATE_TEST_PAUSE_SAVE=N` makes the asynchronous save of step N stop,
+after its arrays are written and before it is committed, and print `paused saving step N`: a
+test kills the process there, deterministically "during an async save".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import handlers
+
+PAUSE_ENV = "FREEANIMATE_TEST_PAUSE_SAVE"
+
+
+class _Paused:
+    """A commit future that never completes (the test kills the process while it waits)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def result(self, timeout: float | None = None) -> None:
+        print(f"paused saving step {self.step}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(60)
+
+
+class RecordHandler(handlers.JsonCheckpointHandler):
+    """orbax's JSON handler; under the test switch, its async save holds the commit."""
+
+    async def async_save(self, directory, *args, **kwargs):
+        futures = await super().async_save(directory, *args, **kwargs)
+        pause = os.environ.get(PAUSE_ENV)
+        step = Path(str(directory)).parent.name.split(".")[0]
+        if pause and step == pause:
+            futures = [*(futures or []), _Paused(int(step))]
+        return futures
+
+
+@ocp.args.register_with_handler(RecordHandler, for_save=True)
+@dataclasses.dataclass
+class RecordSave(ocp.args.CheckpointArgs):
+    item: dict
+
+
+@ocp.args.register_with_handler(RecordHandler, for_restore=True)
+@dataclasses.dataclass
+class RecordRestore(ocp.args.CheckpointArgs):
+    item: dict | None = None
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpoints:
+    """A run's checkpoint folder."""
+
+    def __init__(self, directory: str | Path, *, keep: int, asynchronous: bool = True):
+        self.directory = directory
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=asynchronous,
+            cleanup_tmp_directories=True, create=True)
+        self.manager = ocp.CheckpointManager(os.fspath(directory), options=options)
+
+    def steps(self) -> list[int]:
+        """Complete checkpoints only (partial ones are never listed)."""
+        return sorted(self.manager.all_steps())
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: dict[str, Any], record: dict[str, Any]) -> None:
+        step = int(record["step"])
+        items = {k: ocp.args.StandardSave(v) for k, v in state.items() if k != "step"}
+        self.manager.save(step, args=ocp.args.Composite(**items, record=RecordSave(record)),
+                          force=True)
+
+    def restore(self, step: int, like: dict[str, Any]) -> tuple[dict[str, Any], dict]:
+        """The state saved at `step`, shaped and placed like `like`, and its record."""
+        if step not in self.steps():
+            raise ValueError(f"no complete checkpoint for step {step} in {self.directory}; "
+                             f"expected one of {self.steps() or 'none'}")
+        items = {k: ocp.args.StandardRestore(_abstract(v)) for k, v in like.items()
+                 if k != "step"}
+        out = self.manager.restore(step, args=ocp.args.Composite(**items,
+                                                                 record=RecordRestore()))
+        record = dict(out["record"])
+        state = {k: out[k] for k in items}
+        state["step"] = jax.device_put(jax.numpy.asarray(record["step"], jax.numpy.int32),
+                                       like["step"].sharding)
+        return state, record
+
+    def record(self, step: int) -> dict:
+        out = self.manager.restore(step, args=ocp.args.Composite(record=RecordRestore()))
+        return dict(out["record"])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,223 @@
+"""The training run: models, data and state assembled from a runbook, the step loop, resume.
+
+Everything a step does is a function of (seed, step): the batch (`data.batch(step)`), the
+noise, timesteps and caption dropout (`fold_in(key(seed), step)`). A run restarted from the
+checkpoint of step k therefore continues exactly as the uninterrupted run did: the same data
+indices, the same losses, the same parameters, bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from freeanimate_jax import parallel
+from freeanimate_jax.config import TrainJob
+from freeanimate_jax.train import checkpoint, metrics, objective
+from freeanimate_jax.train import state as st
+from freeanimate_jax.train import step as sp
+
+
+class TrainError(RuntimeError):
+    """A run that cannot go on (a non-finite loss); one line naming the step."""
+
+
+@dataclasses.dataclass
+class Models:
+    """The frozen base with the module to train inserted, and the frozen encoders."""
+
+    unet: nnx.Module  # a UNetMotionModel
+    adapter: nnx.Module  # its motion adapter (shares the UNet's motion modules)
+    vae: nnx.Module
+    text_encoder: nnx.Module
+    tokenizer: Any
+    adapter_config: dict
+
+
+def build_models(job: TrainJob, dtype: Any) -> Models:
+    """The job's base (weights/assemble, as the sampling commands) and its motion module: the
+    given one, or a new zero-initialised one of layout `train.motion`. The trained parameters
+    are fp32 whatever the compute dtype (they are cast inside the step)."""
+    from freeanimate_jax.models.motion import UNetMotionModel
+    from freeanimate_jax.weights.assemble import load_models
+
+    base = load_models(dataclasses.replace(job, motion_module=""), dtype)
+    loop = job.sections()[3]
+    if job.motion_module:
+        from freeanimate_jax.weights.assemble import _load_motion
+
+        adapter = _load_motion(job, jnp.float32)
+        config = dict(adapter.config) if hasattr(adapter, "config") else adapter.cfg.to_diffusers()
+    else:
+        adapter = st.new_adapter(base.unet.config, loop.motion,
+                                 norm_per_frame=loop.norm_per_frame, seed=loop.seed)
+        config = dict(adapter.config)
+    unet = UNetMotionModel.from_unet2d(base.unet, adapter)
+    st.set_remat(unet, loop)
+    return Models(unet, adapter, base.vae, base.text_encoder, base.tokenizer, config)
+
+
+def data_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
+    return NamedSharding(mesh, P(parallel.DATA, *([None] * (ndim - 1))))
+
+
+class Trainer:
+    """One run: `Trainer(job, models, data, mesh).run()`."""
+
+    def __init__(self, job: TrainJob, models: Models, data: Any, mesh: jax.sharding.Mesh,
+                 *, compute_dtype: Any = jnp.float32, log=print):
+        self.job, self.models, self.data, self.mesh, self.log = job, models, data, mesh, log
+        self.data_cfg, self.noise, self.optim, self.loop, self.val = job.sections()
+        self.out = Path(self.loop.output_dir).expanduser()
+        graphdef, trained, frozen = st.split(models.unet, self.loop.trainable)
+        self.graphdef = graphdef
+        replicated = parallel.replicated(mesh)
+        cast = jax.tree.map(lambda x: jnp.asarray(x, compute_dtype), frozen)
+        self.frozen = jax.device_put(cast, replicated)
+        self.cached = self.data_cfg.source == "latents"
+        self.encoders = self.encoder_graphs = None
+        if not self.cached:
+            (vg, vs), (tg, ts) = nnx.split(models.vae), nnx.split(models.text_encoder)
+            self.encoder_graphs = (vg, tg)
+            self.encoders = jax.device_put((vs, ts), replicated)
+        self.tx = st.optimizer(self.optim, self.loop.max_steps)
+        self.lr = st.learning_rate(self.optim, self.loop.max_steps)
+        self.cfg = sp.StepConfig(
+            noise=self.noise, caption_dropout=self.data_cfg.caption_dropout,
+            grad_accum=self.optim.grad_accum, seed=self.loop.seed,
+            scaling_factor=float(getattr(models.vae, "scaling_factor", 0.18215)),
+            compute_dtype=compute_dtype, ema_decay=self.optim.ema_decay)
+        state = st.init_state(trained, self.tx, self.optim)
+        self.state_shardings = jax.tree.map(lambda _: replicated, state)
+        self.state = jax.device_put(state, self.state_shardings)
+        self.step_fn = sp.make_step(graphdef, self.tx, self.lr, objective.alphas(self.noise),
+                                    self.cfg, self.encoder_graphs, self.state_shardings)
+        self.ckpt = checkpoint.Checkpoints(self.out / "checkpoints", keep=self.loop.ckpt_keep,
+                                           asynchronous=self.loop.ckpt_async)
+        self.stop_requested = False
+        self.empty_ids = self.token_ids([""])[0]
+
+    # -- inputs ---------------------------------------------------------------------------
+    def token_ids(self, captions) -> np.ndarray:
+        from freeanimate_jax.models.clip_text import tokenize
+
+        return np.asarray(tokenize(self.models.tokenizer, [str(c) for c in captions]))
+
+    def device_batch(self, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """The host's part of the global batch -> global arrays split over `data`."""
+        if self.cached:
+            local = {k: host[k] for k in ("mean", "logstd", "context")}
+            empty = jax.device_put(jnp.asarray(host["empty"]), parallel.replicated(self.mesh))
+        else:
+            local = {"pixels": host["pixels"], "input_ids": self.token_ids(host["caption"])}
+        out = {k: jax.make_array_from_process_local_data(data_sharding(self.mesh, v.ndim), v)
+               for k, v in local.items()}
+        if self.cached:
+            out["empty"] = empty
+        else:
+            out["empty_ids"] = jax.device_put(jnp.asarray(self.empty_ids),
+                                              parallel.replicated(self.mesh))
+        return out
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def record(self, step: int) -> dict[str, Any]:
+        from freeanimate_jax.cli.run import _versions
+
+        return {"step": step, "data": {"next_step": step, "seed": self.loop.seed,
+                                       "global_batch": int(self.data.global_batch)},
+                "trainable": self.loop.trainable, "adapter_config": self.models.adapter_config,
+                "norm_per_frame": bool(self.models.adapter.cfg.norm_per_frame),
+                "base": {"model": self.job.model, "motion_module": self.job.motion_module},
+                "config": self.job.to_dict(), "versions": _versions()}
+
+    def restore(self, resume_from: int | None = None) -> int:
+        """Continue from `resume_from`, else the latest complete checkpoint; the step."""
+        step = resume_from if resume_from is not None else self.ckpt.latest()
+        if step is None:
+            return 0
+        self.state, _ = self.ckpt.restore(step, self.state)
+        metrics.truncate_jsonl(self.out / "metrics.jsonl", step)
+        self.log(f"resumed from the checkpoint of step {step}")
+        return step
+
+    # -- the loop -------------------------------------------------------------------------
+    def _on_sigterm(self, *_: Any) -> None:
+        self.stop_requested = True
+
+    def run(self, resume_from: int | None = None, validate=None) -> dict[str, Any]:
+        start = self.restore(resume_from)
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        writers = metrics.Writers(self.out, tensorboard=self.loop.tensorboard,
+                                  wandb=self.loop.wandb, config=self.job.to_dict())
+        peak = metrics.peak_flops(jax.devices()[0].device_kind)
+        flops = getattr(self.data, "flops_per_clip", None)
+        chips = self.mesh.size
+        losses: list[float] = []
+        step, last_saved, t_prev, wait_total = start, start, time.perf_counter(), 0.0
+        try:
+            while step < self.loop.max_steps:
+                t0 = time.perf_counter()
+                host = self.data.batch(step)
+                batch = self.device_batch(host)
+                wait = time.perf_counter() - t0
+                self.state, m = self.step_fn(self.state, batch, self.frozen, self.encoders)
+                loss = float(m["loss"])
+                if not np.isfinite(loss):
+                    raise TrainError(
+                        f"non-finite loss ({loss}) at step {step + 1}; stopped. The last good "
+                        f"checkpoint is step {self.ckpt.latest() or 'none'}; expected a finite "
+                        f"loss (try a lower optim.lr)")
+                step += 1
+                now = time.perf_counter()
+                dt, t_prev = now - t_prev, now
+                wait_total += wait
+                clips = self.data.global_batch / dt
+                line = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
+                        "lr": float(m["lr"]), "s_per_step": dt, "clips_per_s": clips,
+                        "data_wait": wait / dt, "indices": np.asarray(host["index"]).tolist(),
+                        "t": np.asarray(m["t"]).tolist()}
+                mfu = None
+                if flops and peak and jax.default_backend() != "cpu":
+                    line["tflops_per_chip"] = flops * clips / chips / 1e12
+                    mfu = line["mfu"] = flops * clips / chips / peak
+                writers.step(line)
+                losses.append(loss)
+                if step % self.loop.log_every == 0 or step == self.loop.max_steps:
+                    writers.scalars(step, {k: v for k, v in line.items()
+                                           if k not in ("indices", "t")})
+                    self.log(metrics.progress_line(step, self.loop.max_steps, loss, dt, clips,
+                                                   mfu))
+                last = step == self.loop.max_steps
+                if step % self.loop.ckpt_every == 0 or last or self.stop_requested:
+                    self.ckpt.save(self.state, self.record(step))
+                    last_saved = step
+                if validate is not None and self.val.every and (
+                        step % self.val.every == 0 or last):
+                    validate(self, step)
+                if self.stop_requested:
+                    self.log(f"SIGTERM: saved step {step}; exiting (resume with the same "
+                             f"command)")
+                    break
+        finally:
+            self.ckpt.close()
+            writers.close()
+            signal.signal(signal.SIGTERM, previous)
+        return {"start": start, "step": step, "last_saved": last_saved, "losses": losses,
+                "stopped": self.stop_requested}
+
+    def trained_params(self, ema: bool = False) -> nnx.State:
+        return self.state["ema" if ema else "params"]
+
+    def merged_unet(self, ema: bool = False) -> nnx.Module:
+        """The UNet with the current trained parameters (fp32) and the frozen rest."""
+        return nnx.merge(self.graphdef, self.trained_params(ema), self.frozen)

@@ -1,0 +1,111 @@
+"""What trains: the model to train, the name-pattern filter that picks its trained parameters,
+the optimizer, and the train state (trained parameters, optimizer state, EMA, step).
+
+The filter is one `nnx` filter used for the split that the gradient is taken over, for the
+optimizer state and for the checkpoint alike: frozen parameters are never differentiated,
+never given optimizer state and never saved (levanter's `is_trainable`, big_vision's frozen
+schedule without the masking).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from freeanimate_jax.train.settings import LoopConfig, OptimConfig
+
+_POSITIONS = {"v1": 24, "v2": 32, "v3": 32}
+
+
+def path_name(path: tuple) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def trainable_filter(pattern: str) -> Any:
+    """Params whose dotted path contains a match of the regex `pattern`."""
+    regex = re.compile(pattern)
+    return nnx.All(nnx.Param, lambda path, _: regex.search(path_name(path)) is not None)
+
+
+def split(model: nnx.Module, pattern: str) -> tuple[Any, nnx.State, nnx.State]:
+    """(graphdef, trained params, everything else); ValueError when `pattern` picks nothing."""
+    graphdef, trained, frozen = nnx.split(model, trainable_filter(pattern), ...)
+    if not jax.tree.leaves(trained):
+        raise ValueError(f"train.trainable={pattern!r} matches no parameter; expected a regex "
+                         f"found in parameter paths such as 'motion_modules' or "
+                         f"'up_blocks\\.3\\.attentions'")
+    return graphdef, trained, frozen
+
+
+def new_adapter_config(unet_config: Mapping[str, Any], layout: str) -> dict[str, Any]:
+    """A diffusers MotionAdapter config fitting `unet_config` in the released `layout`: v1 (24
+    positions, no mid block), v2 (32, mid block), v3 (32, no mid block); 8 heads, the UNet's
+    GroupNorm groups, one module per resnet."""
+    ch = list(unet_config["block_out_channels"])
+    layers = unet_config.get("layers_per_block", 2)
+    return {"_class_name": "MotionAdapter", "block_out_channels": ch,
+            "motion_layers_per_block": layers, "motion_mid_block_layers_per_block": 1,
+            "motion_num_attention_heads": 8,
+            "motion_norm_num_groups": unet_config.get("norm_num_groups", 32),
+            "motion_max_seq_length": _POSITIONS[layout], "use_motion_mid_block": layout == "v2",
+            "conv_in_channels": None}
+
+
+def new_adapter(unet_config: Mapping[str, Any], layout: str, *, norm_per_frame: bool,
+                seed: int = 0, dtype=jnp.float32) -> nnx.Module:
+    """A new motion adapter for a UNet, `proj_out` zero-initialised (the AnimateDiff paper):
+    inserted, it leaves the image model's outputs unchanged."""
+    from freeanimate_jax.models.motion import MotionAdapter, MotionConfig
+    from freeanimate_jax.weights.loader import FrozenConfig
+
+    config = new_adapter_config(unet_config, layout)
+    cfg = MotionConfig.from_dict(config, norm_per_frame=norm_per_frame)
+    adapter = MotionAdapter(cfg, zero_out=True, rngs=nnx.Rngs(seed), param_dtype=dtype)
+    adapter.config = FrozenConfig(config)
+    return adapter
+
+
+def learning_rate(optim: OptimConfig, max_steps: int) -> optax.Schedule:
+    """Linear warmup from 0, then constant, cosine or linear decay to lr x end_lr_factor."""
+    decay = optim.decay_steps or max(1, max_steps - optim.warmup_steps)
+    end = optim.lr * optim.end_lr_factor
+    if optim.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, optim.lr, optim.warmup_steps,
+                                                  optim.warmup_steps + decay, end)
+    after = (optax.constant_schedule(optim.lr) if optim.schedule == "constant"
+             else optax.linear_schedule(optim.lr, end, decay))
+    if not optim.warmup_steps:
+        return after
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, optim.lr, optim.warmup_steps), after], [optim.warmup_steps])
+
+
+def optimizer(optim: OptimConfig, max_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW (decay on every trained parameter, as torch's AdamW
+    over a parameter list)."""
+    adamw = optax.adamw(learning_rate(optim, max_steps), b1=optim.b1, b2=optim.b2,
+                        eps=optim.eps, weight_decay=optim.weight_decay)
+    if not optim.grad_clip:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw)
+
+
+def init_state(trained: nnx.State, tx: optax.GradientTransformation, optim: OptimConfig
+               ) -> dict[str, Any]:
+    """The train state: fp32 trained params, their optimizer state (and EMA), the step."""
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trained)
+    state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    if optim.ema_decay is not None:
+        state["ema"] = jax.tree.map(jnp.copy, params)
+    return state
+
+
+def set_remat(model: nnx.Module, loop: LoopConfig) -> None:
+    """Recompute each UNet block's activations in the backward pass per `train.remat`."""
+    model.remat_policy = loop.remat

@@ -1,0 +1,143 @@
+"""The train step: one jitted function of (state, batch) with the state donated.
+
+Inputs come in one of two forms: pixels and token ids (the VAE and the text encoder run in the
+step, frozen), or the latent cache's posterior (mean, log-std per frame) and text embeddings
+(neither model is in the step). Either way the step draws, from `fold_in(key(seed), step)`:
+the posterior sample, the timesteps, the noise and the caption dropout, for the whole global
+batch at once, so the draws do not depend on how the batch is split over devices or into
+accumulation micro-batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from einops import rearrange
+from flax import nnx
+
+from freeanimate_jax.diffusion import ddim
+from freeanimate_jax.train import objective
+from freeanimate_jax.train.settings import NoiseConfig
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What fixes the step's program (static under jit)."""
+
+    noise: NoiseConfig
+    caption_dropout: float
+    grad_accum: int
+    seed: int
+    scaling_factor: float = 0.18215
+    compute_dtype: Any = jnp.float32
+    ema_decay: float | None = None
+
+
+def draws(cfg: StepConfig, step: Array, batch: int) -> dict[str, Array]:
+    """The step's random keys and per-example draws (a pure function of seed and step)."""
+    key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+    k_t, k_noise, k_drop, k_sample = jax.random.split(key, 4)
+    t = jax.random.randint(k_t, (batch,), 0, cfg.noise.num_train_timesteps)
+    drop = jax.random.uniform(k_drop, (batch,)) < cfg.caption_dropout
+    return {"t": t, "drop": drop, "k_noise": k_noise, "k_sample": k_sample}
+
+
+def posterior(batch: dict[str, Array], encoders: Any) -> tuple[Array, Array, Array, Array]:
+    """(mean, logstd, context, empty context) from a cached batch, or by running the frozen
+    VAE (per frame) and text encoder on pixels and token ids."""
+    if "mean" in batch:
+        return batch["mean"], batch["logstd"], batch["context"], batch["empty"]
+    vae, text_encoder = encoders
+    b = batch["pixels"].shape[0]
+    mean, logvar = vae.encode(rearrange(batch["pixels"], "b f h w c -> (b f) h w c"))
+    mean, logvar = (rearrange(x, "(b f) h w c -> b f h w c", b=b) for x in (mean, logvar))
+    context = text_encoder(batch["input_ids"])
+    empty = text_encoder(batch["empty_ids"][None])[0]
+    return mean, 0.5 * logvar, context, empty
+
+
+def model_inputs(cfg: StepConfig, d: dict[str, Array], mean: Array, logstd: Array,
+                 context: Array, empty: Array) -> dict[str, Array]:
+    """Clean latents (a posterior sample x scaling factor), noise, timesteps, the text (""
+    where dropped): the inputs of the loss, which the parity tests give it directly."""
+    mean, logstd = mean.astype(jnp.float32), logstd.astype(jnp.float32)
+    eps = jax.random.normal(d["k_sample"], mean.shape, jnp.float32)
+    z0 = (mean + jnp.exp(logstd) * eps) * cfg.scaling_factor
+    noise = objective.video_noise(d["k_noise"], z0.shape, cfg.noise.offset)
+    context = jnp.where(d["drop"][:, None, None], empty[None].astype(context.dtype), context)
+    return {"z0": z0, "noise": noise, "t": d["t"], "context": context}
+
+
+def loss_fn(params: nnx.State, frozen: nnx.State, graphdef: Any, inputs: dict[str, Array],
+            alphas: Array, cfg: StepConfig) -> Array:
+    """fp32 MSE of the UNet's prediction on noised latents against the objective's target;
+    the trained params are cast to the compute dtype (they stay fp32 in the state)."""
+    cast = jax.tree.map(lambda x: x.astype(cfg.compute_dtype), params)
+    unet = nnx.merge(graphdef, cast, frozen)
+    z0, noise, t = inputs["z0"], inputs["noise"], inputs["t"]
+    zt = ddim.add_noise(alphas, z0, noise, t)
+    pred = unet(zt.astype(cfg.compute_dtype), t, inputs["context"].astype(cfg.compute_dtype))
+    tgt = objective.target(alphas, z0, noise, t, cfg.noise.prediction_type)
+    weights = objective.loss_weights(alphas, t, cfg.noise.snr_gamma, cfg.noise.prediction_type)
+    return objective.mse(pred, tgt, weights)
+
+
+def _grads(params, frozen, graphdef, inputs, alphas, cfg: StepConfig):
+    """Loss and gradients, the batch in `grad_accum` micro-batches (equal sizes, so the mean
+    of their means is the batch mean): only one micro-batch's activations live at a time."""
+    value_and_grad = jax.value_and_grad(loss_fn)
+    k = cfg.grad_accum
+    if k == 1:
+        return value_and_grad(params, frozen, graphdef, inputs, alphas, cfg)
+    micro = jax.tree.map(lambda x: rearrange(x, "(k b) ... -> k b ...", k=k), inputs)
+
+    def body(carry, mb):
+        loss, grads = value_and_grad(params, frozen, graphdef, mb, alphas, cfg)
+        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(body, zero, micro)
+    return jax.tree.map(lambda x: x / k, (loss, grads))
+
+
+def train_step(state: dict[str, Any], batch: dict[str, Array], frozen: nnx.State,
+               encoders: Any, graphdef: Any, encoder_graphs: Any,
+               tx: optax.GradientTransformation, lr: optax.Schedule, alphas: Array,
+               cfg: StepConfig) -> tuple[dict[str, Any], dict[str, Array]]:
+    """One optimizer step; returns the new state and the step's metrics. `encoders`: the
+    states of the frozen (VAE, text encoder) for pixel batches, else None."""
+    step = state["step"]
+    if encoders is not None:
+        encoders = tuple(nnx.merge(g, s) for g, s in zip(encoder_graphs, encoders, strict=True))
+    mean, logstd, context, empty = posterior(batch, encoders)
+    d = draws(cfg, step, mean.shape[0])
+    inputs = model_inputs(cfg, d, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(logstd),
+                          jax.lax.stop_gradient(context), jax.lax.stop_gradient(empty))
+    loss, grads = _grads(state["params"], frozen, graphdef, inputs, alphas, cfg)
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = {"params": params, "opt": opt, "step": step + 1}
+    if "ema" in state:
+        decay = cfg.ema_decay
+        new["ema"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr(step),
+               "t": d["t"]}
+    return new, metrics
+
+
+def make_step(graphdef: Any, tx: optax.GradientTransformation, lr: optax.Schedule,
+              alphas: Array, cfg: StepConfig, encoder_graphs: Any = None,
+              state_shardings: Any = None):
+    """`step(state, batch, frozen, encoders) -> (state, metrics)`, jitted, state donated."""
+    def fn(state, batch, frozen, encoders):
+        return train_step(state, batch, frozen, encoders, graphdef, encoder_graphs, tx, lr,
+                          alphas, cfg)
+
+    out = None if state_shardings is None else (state_shardings, None)
+    return jax.jit(fn, donate_argnums=(0,), out_shardings=out)
