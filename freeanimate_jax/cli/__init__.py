@@ -6,8 +6,8 @@
     freeanimate fit animate|generate --topology v5e-8 [options] [key=value ...]
     freeanimate train prepare-data|cache|run|export [options] [key=value ...]
 
-One module per command (`animate`, `generate`, `fit`, `train`); what the video commands share, the run
-skeleton included, is `run`. Model assembly is the library's (`weights/assemble.py`).
+One module per command (`animate`, `generate`, `fit`, `train`); what the video commands
+share, the run skeleton included, is `run`. Model assembly is the library's (`weights/assemble.py`).
 """
 
 from __future__ import annotations

@@ -74,6 +74,11 @@ class MotionModules(nnx.Module):
         self.motion_modules = nnx.List(list(modules))
 
 
+# diffusers has no key for the GroupNorm mode (its UNetMotionModel normalises across frames);
+# a private key records it in exported configs (diffusers ignores `_`-prefixed keys).
+NORM_KEY = "_norm_per_frame"
+
+
 @dataclasses.dataclass(frozen=True)
 class MotionConfig:
     """A diffusers MotionAdapter config, resolved, plus the switches diffusers has no key for."""
@@ -115,7 +120,8 @@ class MotionConfig:
                    heads=per_block("motion_num_attention_heads", 8),
                    groups=c.get("motion_norm_num_groups", 32),
                    max_seq_length=c.get("motion_max_seq_length", 32),
-                   mid_block=c.get("use_motion_mid_block", True), **switches)
+                   mid_block=c.get("use_motion_mid_block", True),
+                   **{"norm_per_frame": bool(c.get(NORM_KEY, False)), **switches})
 
     def to_diffusers(self) -> dict:
         return {"_class_name": "MotionAdapter", "block_out_channels": list(self.block_out_channels),
@@ -126,7 +132,8 @@ class MotionConfig:
                 "motion_num_attention_heads": list(self.heads),
                 "motion_norm_num_groups": self.groups,
                 "motion_max_seq_length": self.max_seq_length,
-                "use_motion_mid_block": self.mid_block, "conv_in_channels": None}
+                "use_motion_mid_block": self.mid_block, "conv_in_channels": None,
+                NORM_KEY: self.norm_per_frame}
 
 
 class MotionAdapter(nnx.Module):

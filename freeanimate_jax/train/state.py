@@ -24,7 +24,19 @@ _POSITIONS = {"v1": 24, "v2": 32, "v3": 32}
 
 
 def path_name(path: tuple) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    """A pytree path as a dotted parameter name (a Variable's own `value` step dropped, so an
+    nnx State, its pure-dict form and orbax's target-free restore of it name a leaf alike; no
+    parameter of ours is called `value`)."""
+    if path and getattr(path[-1], "key", None) == "value":
+        path = path[:-1]
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.GetAttrKey):
+            if k.name != "value":
+                parts.append(k.name)
+            continue
+        parts.append(str(getattr(k, "key", getattr(k, "idx", k))))
+    return ".".join(parts)
 
 
 def trainable_filter(pattern: str) -> Any:
@@ -34,10 +46,12 @@ def trainable_filter(pattern: str) -> Any:
 
 
 def split(model: nnx.Module, pattern: str) -> tuple[Any, nnx.State, nnx.State]:
-    """(graphdef, trained params, everything else); ValueError when `pattern` picks nothing."""
+    """(graphdef, trained params, everything else); ConfigError when `pattern` picks nothing."""
+    from freeanimate_jax.config import ConfigError
+
     graphdef, trained, frozen = nnx.split(model, trainable_filter(pattern), ...)
     if not jax.tree.leaves(trained):
-        raise ValueError(f"train.trainable={pattern!r} matches no parameter; expected a regex "
+        raise ConfigError(f"train.trainable={pattern!r} matches no parameter; expected a regex "
                          f"found in parameter paths such as 'motion_modules' or "
                          f"'up_blocks\\.3\\.attentions'")
     return graphdef, trained, frozen

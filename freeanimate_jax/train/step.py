@@ -126,7 +126,7 @@ def train_step(state: dict[str, Any], batch: dict[str, Array], frozen: nnx.State
     if "ema" in state:
         decay = cfg.ema_decay
         new["ema"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr(step),
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr(step),
                "t": d["t"]}
     return new, metrics
 
