@@ -9,6 +9,7 @@ import pytest
 from freeanimate_jax.config import (
     DEMO_CONFIG,
     DEMO_GENERATE_CONFIG,
+    DEMO_TRAIN_CONFIG,
     MOTION_ADAPTER,
     TINY_MODEL,
     AnimateConfig,
@@ -16,6 +17,7 @@ from freeanimate_jax.config import (
     ConfigError,
     GenerateConfig,
     GenerateJob,
+    TrainJob,
     default_compilation_cache,
     load_job,
     parse_weighted,
@@ -169,7 +171,8 @@ def test_to_dict_is_plain():
 # -- the runbooks -------------------------------------------------------------------------------
 RUNBOOKS = {"demo": AnimateJob, "sd15_animate": AnimateJob, "sd15_animate_long": AnimateJob,
             "demo_generate": GenerateJob, "animatediff_v2": GenerateJob,
-            "animatediff_v3": GenerateJob}
+            "animatediff_v3": GenerateJob, "train_motion_v3": TrainJob,
+            "train_motion_tiny": TrainJob}
 
 
 def test_every_runbook_is_tested():
@@ -181,7 +184,8 @@ def test_runbooks_parse_and_document_themselves(name):
     path, schema = CONFIGS / f"{name}.yaml", RUNBOOKS[name]
     text = path.read_text()
     assert text.startswith("# "), "a runbook starts with its header comment"
-    command = f"freeanimate {schema.SECTION} --config configs/{name}.yaml"
+    verb = "train run" if schema is TrainJob else schema.SECTION
+    command = f"freeanimate {verb} --config configs/{name}.yaml"
     assert command in text and "Expect" in text  # the command, what to expect
     job = load_job(str(path), [], schema=schema)
     job.settings()
@@ -193,6 +197,22 @@ def test_demo_yaml_matches_the_builtin_demo_config():
     job = load_job(None, [], base=DEMO_CONFIG)
     assert job.model == TINY_MODEL and job.size_hw == (64, 64) and job.dtype == "float32"
     assert job.animate.steps == job.animate.preview_steps == 6
+
+
+def test_train_tiny_yaml_matches_the_builtin_demo_config():
+    assert load_job(str(CONFIGS / "train_motion_tiny.yaml"), [], schema=TrainJob) == load_job(
+        None, [], base=DEMO_TRAIN_CONFIG, schema=TrainJob)
+
+
+def test_train_recipe_runbook_is_the_original_recipe():
+    data, noise, optim, loop, val = load_job(str(CONFIGS / "train_motion_v3.yaml"), [],
+                                             schema=TrainJob).sections()
+    assert (data.frames, data.stride, data.caption_dropout, data.hflip) == (16, 4, 0.1, True)
+    assert (noise.beta_schedule, noise.beta_start, noise.beta_end) == ("linear", 0.00085, 0.012)
+    assert (optim.lr, optim.b1, optim.b2, optim.eps, optim.weight_decay, optim.grad_clip) == (
+        1e-4, 0.9, 0.999, 1e-8, 1e-2, 1.0)
+    assert (loop.trainable, loop.batch_per_chip, loop.norm_per_frame) == (
+        "motion_modules", 4, True)
 
 
 def test_sd15_runbooks():

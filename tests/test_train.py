@@ -13,7 +13,6 @@ from flax import nnx
 from freeanimate_jax import config as cfg
 from freeanimate_jax import parallel
 from freeanimate_jax.train import objective
-from freeanimate_jax.train import state as st
 from freeanimate_jax.train import step as sp
 from freeanimate_jax.train.data import open_data
 from freeanimate_jax.train.loop import Trainer, build_models

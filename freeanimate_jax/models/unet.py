@@ -238,9 +238,11 @@ class UNet2DConditionModel(nnx.Module):
             mine = skips[-len(block.resnets):]
             skips = skips[:-len(block.resnets)]
             size = skips[-1].shape[1:3] if skips else None
+            # `size` is closed over, not a default argument: remat would trace a default. The
+            # lambda runs within this iteration, so the late binding B023 warns of cannot bite.
             x = self._checkpointed(
-                lambda b, x, m, t, c, size=size: b(x, m, t, c, attn, upsample_size=size,
-                                                   frames=frames))(block, x, mine, temb, context)
+                lambda b, x, m, t, c: b(x, m, t, c, attn, upsample_size=size,  # noqa: B023
+                                        frames=frames))(block, x, mine, temb, context)
         x = self.conv_out(self.act(self.conv_norm_out(x)))
         if frames:
             x = rearrange(x, "(b f) h w c -> b f h w c", f=frames)

@@ -104,6 +104,14 @@ class Checkpoints:
                                        like["step"].sharding)
         return state, record
 
+    def drop_after(self, step: int) -> list[int]:
+        """Delete the complete checkpoints after `step` (a run resumed from an earlier step
+        writes them again; orbax refuses to save over a step); the steps deleted."""
+        later = [s for s in self.steps() if s > step]
+        for s in later:
+            self.manager.delete(s)
+        return later
+
     def record(self, step: int) -> dict:
         out = self.manager.restore(step, args=ocp.args.Composite(record=RecordRestore()))
         return dict(out["record"])

@@ -105,6 +105,7 @@ class Trainer:
         self.ckpt = checkpoint.Checkpoints(self.out / "checkpoints", keep=self.loop.ckpt_keep,
                                            asynchronous=self.loop.ckpt_async)
         self.stop_requested = False
+        self.data_motion: float | None = None
         self.empty_ids = self.token_ids([""])[0]
 
     # -- inputs ---------------------------------------------------------------------------
@@ -148,6 +149,9 @@ class Trainer:
         self.state, _ = self.ckpt.restore(step, self.state)
         metrics.truncate_jsonl(self.out / "metrics.jsonl", step)
         self.log(f"resumed from the checkpoint of step {step}")
+        dropped = self.ckpt.drop_after(step)
+        if dropped:
+            self.log(f"deleted the later checkpoints (steps {dropped}): this run rewrites them")
         return step
 
     # -- the loop -------------------------------------------------------------------------
@@ -160,8 +164,12 @@ class Trainer:
         writers = metrics.Writers(self.out, tensorboard=self.loop.tensorboard,
                                   wandb=self.loop.wandb, config=self.job.to_dict())
         peak = metrics.peak_flops(jax.devices()[0].device_kind)
-        flops = getattr(self.data, "flops_per_clip", None)
+        flops = None  # per clip, from the compiled step (accelerators only)
         chips = self.mesh.size
+        if validate is not None and self.val.every:
+            self.data_motion = self._data_motion()
+            if start == 0:
+                validate(self, 0)  # the zero-initialised module's samples: the baseline
         losses: list[float] = []
         step, last_saved, t_prev, wait_total = start, start, time.perf_counter(), 0.0
         try:
@@ -170,6 +178,8 @@ class Trainer:
                 host = self.data.batch(step)
                 batch = self.device_batch(host)
                 wait = time.perf_counter() - t0
+                if flops is None and peak and jax.default_backend() != "cpu":
+                    flops = self.flops_per_clip(batch)
                 self.state, m = self.step_fn(self.state, batch, self.frozen, self.encoders)
                 loss = float(m["loss"])
                 if not np.isfinite(loss):
@@ -214,6 +224,22 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous)
         return {"start": start, "step": step, "last_saved": last_saved, "losses": losses,
                 "stopped": self.stop_requested}
+
+    def flops_per_clip(self, batch: dict[str, jax.Array]) -> float:
+        """FLOPs of one step per clip, as XLA counts the compiled step (forward + backward)."""
+        compiled = self.step_fn.lower(self.state, batch, self.frozen, self.encoders).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return float(cost.get("flops", 0.0)) / self.data.global_batch
+
+    def _data_motion(self) -> float | None:
+        """The training clips' motion score (mean absolute frame difference in [0, 1])."""
+        from freeanimate_jax.train.validate import motion_score
+
+        host = self.data.batch(0)
+        if "pixels" not in host:
+            return None
+        return float(np.mean([motion_score((clip + 1) / 2) for clip in host["pixels"]]))
 
     def trained_params(self, ema: bool = False) -> nnx.State:
         return self.state["ema" if ema else "params"]

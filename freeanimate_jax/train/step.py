@@ -79,7 +79,8 @@ def loss_fn(params: nnx.State, frozen: nnx.State, graphdef: Any, inputs: dict[st
     """fp32 MSE of the UNet's prediction on noised latents against the objective's target;
     the trained params are cast to the compute dtype (they stay fp32 in the state)."""
     cast = jax.tree.map(lambda x: x.astype(cfg.compute_dtype), params)
-    unet = nnx.merge(graphdef, cast, frozen)
+    # Fresh Variables: the frozen ones were made outside this trace, and remat writes back.
+    unet = nnx.merge(graphdef, cast, frozen, copy=True)
     z0, noise, t = inputs["z0"], inputs["noise"], inputs["t"]
     zt = ddim.add_noise(alphas, z0, noise, t)
     pred = unet(zt.astype(cfg.compute_dtype), t, inputs["context"].astype(cfg.compute_dtype))
