@@ -231,3 +231,25 @@ def test_an_empty_dataset_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").rglob("*.array_record"))
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
+    from freeanimate_jax.train.loop import TrainError
+
+    job = _job(tmp_path, "train.max_steps=5", "train.ckpt_every=1")
+    trainer = _trainer(job)
+    clean = trainer.data.batch
+
+    def batch(step):  # a corrupt clip (NaN pixels) at the third step
+        out = clean(step)
+        if step == 2:
+            out = dict(out, pixels=np.full_like(out["pixels"], np.nan))
+        return out
+
+    trainer.data.batch = batch
+    with pytest.raises(TrainError, match=r"non-finite loss \(nan\) at step 3.*checkpoint is "
+                                         r"step 2"):
+        trainer.run()
+    steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()
+                   if p.name.isdigit())
+    assert steps == [1, 2]

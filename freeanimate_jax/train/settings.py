@@ -7,6 +7,7 @@ AdamW 1e-4, clip 1.0, caption dropout 0.1, 16 frames at stride 4, 256 px, batch 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import List, Optional  # noqa: UP035 (omegaconf 2.3 wants typing's)
 
 DATA_SOURCES = ("frames", "bytes", "synthetic", "latents")
@@ -105,7 +106,8 @@ def check(data: DataConfig, noise: NoiseConfig, optim: OptimConfig, loop: LoopCo
          " | ".join(PREDICTIONS))
     need(noise.snr_gamma is None or noise.snr_gamma > 0, "noise.snr_gamma", noise.snr_gamma,
          "a positive number or null")
-    need(optim.lr > 0, "optim.lr", optim.lr, "a positive number")
+    need(math.isfinite(optim.lr) and optim.lr > 0, "optim.lr", optim.lr,
+         "a positive finite number")
     need(optim.schedule in SCHEDULES, "optim.schedule", optim.schedule, " | ".join(SCHEDULES))
     need(optim.warmup_steps >= 0, "optim.warmup_steps", optim.warmup_steps, "0 or more")
     need(optim.grad_accum >= 1, "optim.grad_accum", optim.grad_accum, "at least 1")
