@@ -92,7 +92,9 @@ class Checkpoints:
     def restore(self, step: int, like: dict[str, Any]) -> tuple[dict[str, Any], dict]:
         """The state saved at `step`, shaped and placed like `like`, and its record."""
         if step not in self.steps():
-            raise ValueError(f"no complete checkpoint for step {step} in {self.directory}; "
+            from freeanimate_jax.data.errors import DataError  # a user error: exit status 2
+
+            raise DataError(f"no complete checkpoint for step {step} in {self.directory}; "
                              f"expected one of {self.steps() or 'none'}")
         items = {k: ocp.args.StandardRestore(_abstract(v)) for k, v in like.items()
                  if k != "step"}
