@@ -45,7 +45,7 @@ def _pack(arrays: dict[str, np.ndarray], strings: dict[str, str]) -> bytes:
     return buf.getvalue()
 
 
-def _unpack(data: bytes, dtype: Any) -> dict[str, Any]:
+def _unpack(data: bytes) -> dict[str, Any]:
     with np.load(io.BytesIO(data)) as z:
         out = {}
         for k in z.files:
@@ -80,7 +80,7 @@ class LatentSource:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return _unpack(self._source[int(index)], self.meta["dtype"])
+        return _unpack(self._source[int(index)])
 
 
 class LatentData(TrainData):

@@ -118,9 +118,6 @@ class Checkpoints:
         out = self.manager.restore(step, args=ocp.args.Composite(record=RecordRestore()))
         return dict(out["record"])
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

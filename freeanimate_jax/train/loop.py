@@ -173,14 +173,19 @@ class Trainer:
         losses: list[float] = []
         step, last_saved, t_prev, wait_total = start, start, time.perf_counter(), 0.0
         try:
+            pending = None
             while step < self.loop.max_steps:
                 t0 = time.perf_counter()
-                host = self.data.batch(step)
+                host = pending if pending is not None else self.data.batch(step)
                 batch = self.device_batch(host)
-                wait = time.perf_counter() - t0
+                wait = time.perf_counter() - t0  # the loop's data time not hidden by a step
                 if flops is None and peak and jax.default_backend() != "cpu":
                     flops = self.flops_per_clip(batch)
                 self.state, m = self.step_fn(self.state, batch, self.frozen, self.encoders)
+                # The next batch is read on the host while the device runs this step (the loss
+                # read below waits for it); batches are pure in the step, so this is exact.
+                more = step + 1 < self.loop.max_steps
+                pending = self.data.batch(step + 1) if more else None
                 loss = float(m["loss"])
                 if not np.isfinite(loss):
                     raise TrainError(
