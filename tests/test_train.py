@@ -253,3 +253,19 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
     steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()
                    if p.name.isdigit())
     assert steps == [1, 2]
+
+
+def test_the_cache_command_feeds_a_run(tmp_path, capsys):
+    from freeanimate_jax.cli import main
+
+    common = ["--demo", "compilation_cache=", "data.synthetic_videos=16", "train.global_batch=8"]
+    assert main(["train", "cache", *common, "--out", str(tmp_path / "cache")]) == 0
+    meta = json.loads((tmp_path / "cache" / "latents.json").read_text())
+    assert meta["count"] == 16 and meta["dtype"] == "float32"
+    code = main(["train", "run", *common, "data.source=latents", f"data.dir={tmp_path / 'cache'}",
+                 f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "val.every=0",
+                 "train.tensorboard=false"])
+    assert code == 0, capsys.readouterr().err
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2]
+    assert all(np.isfinite(json.loads(x)["loss"]) for x in lines)

@@ -13,7 +13,6 @@ saves at the next step boundary and exits 0. Bad input is one line and exit stat
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,10 +102,10 @@ def prepare_data(args: argparse.Namespace, job: TrainJob) -> int:
 
 def _base(job: TrainJob) -> Any:
     from freeanimate_jax.cli.run import enable_compilation_cache, resolve_dtype
-    from freeanimate_jax.weights.assemble import load_models
+    from freeanimate_jax.train.loop import load_base
 
     enable_compilation_cache(job.compilation_cache)
-    return load_models(dataclasses.replace(job, motion_module=""), resolve_dtype(job.dtype))
+    return load_base(job, resolve_dtype(job.dtype))
 
 
 def cache(args: argparse.Namespace, job: TrainJob) -> int:

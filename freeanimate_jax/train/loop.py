@@ -44,14 +44,21 @@ class Models:
     adapter_config: dict
 
 
+def load_base(job: TrainJob, dtype: Any) -> Any:
+    """The frozen SD family of the job (LoRAs and domain adapter merged), without its motion
+    module: what training and the latent cache start from."""
+    from freeanimate_jax.weights.assemble import load_models
+
+    return load_models(dataclasses.replace(job, motion_module=""), dtype)
+
+
 def build_models(job: TrainJob, dtype: Any) -> Models:
     """The job's base (weights/assemble, as the sampling commands) and its motion module: the
     given one, or a new zero-initialised one of layout `train.motion`. The trained parameters
     are fp32 whatever the compute dtype (they are cast inside the step)."""
     from freeanimate_jax.models.motion import UNetMotionModel
-    from freeanimate_jax.weights.assemble import load_models
 
-    base = load_models(dataclasses.replace(job, motion_module=""), dtype)
+    base = load_base(job, dtype)
     loop = job.sections()[3]
     if job.motion_module:
         from freeanimate_jax.weights.assemble import _load_motion
