@@ -121,8 +121,9 @@ def make_config(storage: str = "frames", size: int = 256, **config: Any) -> WebV
 class WebVidFolder(tfds.core.GeneratorBasedBuilder):
     """Videos + captions from a local WebVid-layout folder, or synthetic moving shapes."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Frames (JPEG), raw bytes and synthetic configs."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Frames (JPEG), raw bytes and synthetic configs.",
+                     "1.1.0": "Synthetic clips carry their shapes' masks (`condition`, PNG)."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Pass a folder in the WebVid layout as the manual dir: results.csv with columns "
         "videoid,name,page_dir, and each video at {root}/{videoid}.mp4 or "
@@ -144,6 +145,9 @@ class WebVidFolder(tfds.core.GeneratorBasedBuilder):
         else:
             features["frames"] = tfds.features.Video(shape=(None, cfg.size, cfg.size, 3),
                                                      encoding_format="jpeg")
+        if cfg.storage == "synthetic":  # control images for ControlNet training (lossless)
+            features["condition"] = tfds.features.Video(shape=(None, cfg.size, cfg.size, 3),
+                                                        encoding_format="png")
         # DatasetInfo(builder=self): dataset_info_from_configs needs a dataset package folder.
         return tfds.core.DatasetInfo(
             builder=self, description=self.__doc__,
@@ -170,9 +174,11 @@ class WebVidFolder(tfds.core.GeneratorBasedBuilder):
         self.info.metadata["skipped"] = []
         if root is None:
             for i in range(cfg.num_videos):
-                video, caption = moving_shape(i, cfg.num_frames, cfg.size, cfg.seed)
+                video, caption, control = moving_shape(i, cfg.num_frames, cfg.size, cfg.seed,
+                                                       condition=True)
                 yield f"synthetic-{i:06d}", {"videoid": f"synthetic-{i:06d}",
-                                             "caption": caption, "frames": video}
+                                             "caption": caption, "frames": video,
+                                             "condition": control}
             self.info.metadata["stored"] = cfg.num_videos
             return
         rows, skipped, seen, stored = read_index(root), [], set(), 0

@@ -4,7 +4,8 @@ Every batch is a pure function of (seed, step): `TrainData(...).batch(step)` is 
 fresh process, so resuming at a step needs no iterator state. Clip windows and flips are pure
 functions of (seed, epoch, row). Works on a tfds data source (`builder.open_source`) or any
 object with `__len__` / `__getitem__` returning `{"videoid", "caption", "frames"}` or
-`{"videoid", "caption", "video_bytes"}`; tensorflow is never imported here.
+`{"videoid", "caption", "video_bytes"}` (either with an optional per-frame `condition`: control
+images for ControlNet training); tensorflow is never imported here.
 """
 
 from __future__ import annotations
@@ -69,10 +70,17 @@ def _frame(frame: Any) -> np.ndarray:
     return np.asarray(frame, np.uint8)
 
 
-def decode_record(record: dict, *, index: int, frames: int = 16, stride: int = 4,
-                  size: int = 256, hflip: bool = True, seed: int = 0, epoch: int = 0,
-                  max_frames: int | None = 64) -> tuple[np.ndarray, str, str]:
-    """(pixels float32 (F, size, size, 3) in [-1, 1], caption, videoid) of one source row.
+def _window(stored: Any, idx: np.ndarray, size: int) -> np.ndarray:
+    clip = np.stack([_frame(stored[i]) for i in idx])
+    return clip if clip.shape[1:] == (size, size, 3) else resize_short_side_and_crop(clip, size)
+
+
+def decode_clip(record: dict, *, index: int, frames: int = 16, stride: int = 4,
+                size: int = 256, hflip: bool = True, seed: int = 0, epoch: int = 0,
+                max_frames: int | None = 64) -> dict[str, Any]:
+    """One source row's clip: `pixels` float32 (F, size, size, 3) in [-1, 1], `caption`,
+    `videoid`, and where the row stores control images (`condition`, per frame) the same
+    window of them, flipped alike, float32 in [0, 1] (diffusers' ControlNet input range).
 
     The frame count is capped at `max_frames` in both storages (the builder's frames cap), so
     a row gives the same window whether it was stored as frames or as bytes.
@@ -81,20 +89,29 @@ def decode_record(record: dict, *, index: int, frames: int = 16, stride: int = 4
         stored = record["frames"]
         n = len(stored) if max_frames is None else min(len(stored), max_frames)
         idx = clip_window(seed, index, n, frames, stride, epoch)
-        clip = np.stack([_frame(stored[i]) for i in idx])
-        if clip.shape[1:] != (size, size, 3):
-            clip = resize_short_side_and_crop(clip, size)
+        clip = _window(stored, idx, size)
     elif "video_bytes" in record:
         video = decode_video(bytes(record["video_bytes"]), max_frames=max_frames)
         idx = clip_window(seed, index, len(video), frames, stride, epoch)
         clip = resize_short_side_and_crop(video[idx], size)  # only the window is resized
     else:
         raise DataError(f"record has keys {sorted(record)}; expected 'frames' or 'video_bytes'")
+    control = _window(record["condition"], idx, size) if "condition" in record else None
     caption = _text(record.get("caption", ""))
     if hflip and flip_of(seed, index, epoch):
         clip, caption = clip[:, :, ::-1], mirror_caption(caption)
-    pixels = clip.astype(np.float32) / 127.5 - 1.0  # 255 / 127.5 is exactly 2
-    return pixels, caption, _text(record.get("videoid", str(index)))
+        control = None if control is None else control[:, :, ::-1]
+    out = {"pixels": clip.astype(np.float32) / 127.5 - 1.0,  # 255 / 127.5 is exactly 2
+           "caption": caption, "videoid": _text(record.get("videoid", str(index)))}
+    if control is not None:
+        out["condition"] = control.astype(np.float32) / 255.0
+    return out
+
+
+def decode_record(record: dict, **kw: Any) -> tuple[np.ndarray, str, str]:
+    """(pixels, caption, videoid) of `decode_clip` (same arguments)."""
+    clip = decode_clip(record, **kw)
+    return clip["pixels"], clip["caption"], clip["videoid"]
 
 
 class TrainData:
@@ -164,7 +181,8 @@ class TrainData:
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """`pixels` float32 (B, F, size, size, 3) in [-1, 1]; `caption`, `videoid` (object
-        arrays of str); `index` int64 (B,): the rows actually used."""
+        arrays of str); `index` int64 (B,): the rows actually used; `condition` float32 (B, F,
+        size, size, 3) in [0, 1] when the rows store control images."""
         return self.dataset[step]
 
     def iterate(self, start_step: int = 0, threads: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -181,21 +199,24 @@ class TrainData:
     def _load_batch(self, step: int, rows: np.ndarray) -> dict[str, np.ndarray]:
         epoch = step // self.steps_per_epoch
         loaded = [self._load_row(epoch, int(r)) for r in rows]
-        return {
-            "pixels": np.stack([x[0] for x in loaded]),
-            "caption": np.array([x[1] for x in loaded], dtype=object),
-            "videoid": np.array([x[2] for x in loaded], dtype=object),
-            "index": np.array([x[3] for x in loaded], np.int64),
+        batch = {
+            "pixels": np.stack([x["pixels"] for x in loaded]),
+            "caption": np.array([x["caption"] for x in loaded], dtype=object),
+            "videoid": np.array([x["videoid"] for x in loaded], dtype=object),
+            "index": np.array([x["index"] for x in loaded], np.int64),
         }
+        if all("condition" in x for x in loaded):
+            batch["condition"] = np.stack([x["condition"] for x in loaded])
+        return batch
 
-    def _load_row(self, epoch: int, row: int) -> tuple[np.ndarray, str, str, int]:
+    def _load_row(self, epoch: int, row: int) -> dict[str, Any]:
         pi, pc, n = self.process_index, self.process_count, self.shard_size
         pos = (row - pi) // pc
         for k in range(n):
             candidate = pi + ((pos + k) % n) * pc
             if candidate not in self._bad:
                 try:
-                    pixels, caption, videoid = decode_record(
+                    clip = decode_clip(
                         self.source[candidate], index=candidate, frames=self.frames,
                         stride=self.stride, size=self.size, hflip=self.hflip, seed=self.seed,
                         epoch=epoch, max_frames=self.max_frames)
@@ -212,7 +233,7 @@ class TrainData:
                         self.replaced += 1
                     LOG.info("row %d replaced by row %d (replacements so far: %d)",
                              row, candidate, self.replaced)
-                return pixels, caption, videoid, candidate
+                return {**clip, "index": candidate}
         raise DataError(f"no readable clip among host {pi}'s {n} rows; expected videos of at "
                         f"least {self.frames} frames")
 

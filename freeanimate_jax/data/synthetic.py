@@ -29,8 +29,11 @@ DIRECTIONS: dict[str, tuple[int, int]] = {
 BACKGROUNDS = ((0, 0, 0), (30, 30, 30), (15, 20, 45))
 
 
-def moving_shape(index: int, frames: int, size: int, seed: int = 0) -> tuple[np.ndarray, str]:
-    """Video (frames, size, size, 3) uint8 and its caption, e.g. "a red square moving left".
+def moving_shape(index: int, frames: int, size: int, seed: int = 0, *,
+                 condition: bool = False) -> tuple[np.ndarray, ...]:
+    """Video (frames, size, size, 3) uint8 and its caption, e.g. "a red square moving left";
+    with `condition`, also the shape's mask per frame (white on black, RGB uint8): a control
+    image a ControlNet can learn to follow.
 
     A pure function of (seed, index). The shape moves at a constant speed (1-4 px/frame at 64 px,
     scaled with `size`, slower when needed to stay fully inside the frame); its centre is a float,
@@ -69,12 +72,18 @@ def moving_shape(index: int, frames: int, size: int, seed: int = 0) -> tuple[np.
     video = np.empty((frames, size, size, 3), np.uint8)
     video[:] = np.asarray(background, np.uint8)
     video[mask] = np.asarray(PALETTE[colour], np.uint8)
-    return video, f"a {colour} {shape} moving {direction}"
+    caption = f"a {colour} {shape} moving {direction}"
+    if not condition:
+        return video, caption
+    control = np.zeros_like(video)
+    control[mask] = 255
+    return video, caption, control
 
 
 class SyntheticSource:
     """In-memory random-access source of `moving_shape` records, shaped like a tfds data source
-    row (`videoid`, `caption`, `frames`), so `TrainData` runs without tensorflow-datasets."""
+    row (`videoid`, `caption`, `frames`, `condition`: the shapes' masks), so `TrainData` runs
+    without tensorflow-datasets."""
 
     def __init__(self, num_videos: int = 64, num_frames: int = 24, size: int = 256,
                  seed: int = 0):
@@ -88,5 +97,7 @@ class SyntheticSource:
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_videos:
             raise IndexError(f"synthetic index {index} out of range [0, {self.num_videos})")
-        video, caption = moving_shape(int(index), self.num_frames, self.size, self.seed)
-        return {"videoid": f"synthetic-{index:06d}", "caption": caption, "frames": video}
+        video, caption, control = moving_shape(int(index), self.num_frames, self.size,
+                                               self.seed, condition=True)
+        return {"videoid": f"synthetic-{index:06d}", "caption": caption, "frames": video,
+                "condition": control}
