@@ -19,6 +19,29 @@ from freeanimate_jax.models.unet_blocks import TimestepEmbedding
 
 Array = jax.Array
 
+# The UNet config keys diffusers' `ControlNetModel.from_unet` carries over to the ControlNet.
+_FROM_UNET_KEYS = (
+    "in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "mid_block_type",
+    "only_cross_attention", "block_out_channels", "layers_per_block", "downsample_padding",
+    "mid_block_scale_factor", "act_fn", "norm_num_groups", "norm_eps", "cross_attention_dim",
+    "transformer_layers_per_block", "encoder_hid_dim", "encoder_hid_dim_type",
+    "attention_head_dim", "num_attention_heads", "use_linear_projection", "class_embed_type",
+    "addition_embed_type", "addition_time_embed_dim", "num_class_embeds", "upcast_attention",
+    "resnet_time_scale_shift", "projection_class_embeddings_input_dim")
+# What from_unet copies from the UNet; the rest starts as a new ControlNet does.
+_COPIED = ("conv_in", "time_embedding", "down_blocks", "mid_block")
+
+
+def config_from_unet(unet_config: Mapping, *,
+                     conditioning_embedding_out_channels: Sequence[int] = (16, 32, 96, 256),
+                     conditioning_channels: int = 3) -> dict:
+    """A ControlNetModel config for a UNet, as diffusers' `ControlNetModel.from_unet` makes it."""
+    config = {k: unet_config[k] for k in _FROM_UNET_KEYS if k in unet_config}
+    config.update(_class_name="ControlNetModel",
+                  conditioning_embedding_out_channels=list(conditioning_embedding_out_channels),
+                  conditioning_channels=conditioning_channels)
+    return config
+
 
 class ControlNetConditioningEmbedding(nnx.Module):
     """Pixel-space condition image -> latent-resolution features (3 stride-2 convs for SD)."""
@@ -71,6 +94,23 @@ class ControlNetModel(nnx.Module):
         return cls(UNetConfig.from_dict(config),
                    tuple(config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))),
                    config.get("conditioning_channels", 3), rngs=rngs, param_dtype=param_dtype)
+
+    @classmethod
+    def from_unet(cls, unet: nnx.Module, config: Mapping, *, rngs: nnx.Rngs,
+                  param_dtype=jnp.float32) -> ControlNetModel:
+        """A new ControlNet for `unet` (diffusers' `from_unet`, the start of ControlNet
+        training): the UNet's input conv, time embedding, down and mid blocks copied; the zero
+        convs and the condition embedding's last conv zero, so it adds nothing at first."""
+        net = cls.from_config(config, rngs=rngs, param_dtype=param_dtype)
+        for name in _COPIED:
+            src = nnx.state(getattr(unet, name), nnx.Param)
+            # Copies, not shared buffers: the ControlNet trains while the UNet stays frozen.
+            copies = jax.tree.map(lambda x: jnp.array(x, dtype=param_dtype, copy=True), src)
+            nnx.update(getattr(net, name), copies)
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block,
+                     net.controlnet_cond_embedding.conv_out]:
+            nnx.update(conv, jax.tree.map(jnp.zeros_like, nnx.state(conv, nnx.Param)))
+        return net
 
     def __call__(self, sample: Array, timestep: Array, encoder_hidden_states: Array,
                  controlnet_cond: Array, conditioning_scale: float | Array = 1.0,

@@ -230,15 +230,15 @@ def abstract(tree) -> Any:
 
 # -- the model evaluation every pipeline makes ------------------------------------------------
 def predict(unet, controlnet, z: Array, t: Array, ctx: Array, control: Array | None,
-            cn_scale: Array | float, ctrl: AttnControl, *, video: bool) -> Array:
+            cn_scale: Array | float, ctrl: AttnControl | None, *, video: bool) -> Array:
     """Noise prediction for frames `z` (F, h, w, c): the ControlNet's residuals for `control`
-    scaled by `cn_scale`, then the UNet with the attention control `ctrl`. `video`: the frames
-    are one video to the motion modules."""
+    scaled by `cn_scale`, then the UNet with the attention control `ctrl` (None: plain). `video`:
+    the frames are one video to the motion modules."""
     ctx_f = jnp.broadcast_to(ctx, (z.shape[0],) + ctx.shape[1:])
     down = mid = None
     if controlnet is not None and control is not None:
         down, mid = controlnet(z, t, ctx_f, control, conditioning_scale=cn_scale,
-                               attn=plain(ctrl.runtime))
+                               attn=plain(ctrl.runtime) if ctrl is not None else None)
     if video:
         return unet(z[None], t, ctx_f, down, mid, attn=ctrl)[0]
     return unet(z, t, ctx_f, down, mid, attn=ctrl)
