@@ -269,3 +269,29 @@ def test_the_cache_command_feeds_a_run(tmp_path, capsys):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2]
     assert all(np.isfinite(json.loads(x)["loss"]) for x in lines)
+
+
+def test_the_ema_follows_the_trained_weights_and_is_saved_beside_them(tmp_path):
+    import orbax.checkpoint as ocp
+
+    decay = 0.75
+    job = _job(tmp_path, f"optim.ema_decay={decay}", "train.max_steps=2", "train.ckpt_every=2")
+    trainer = _trainer(job)
+    seen = [_flat(trainer.state["params"])]
+    assert all(np.array_equal(v, seen[0][k]) for k, v in _flat(trainer.state["ema"]).items())
+    for s in range(2):  # the run's own step function, batch by batch
+        batch = trainer.device_batch(trainer.data.batch(s))
+        trainer.state, _ = trainer.step_fn(trainer.state, batch, trainer.frozen,
+                                           trainer.encoders)
+        seen.append(_flat(trainer.state["params"]))
+    ema = _flat(trainer.state["ema"])
+    for k, v in ema.items():  # e_n = d e_(n-1) + (1 - d) p_n, from e_0 = p_0
+        e1 = decay * seen[0][k] + (1 - decay) * seen[1][k]
+        expected = decay * e1 + (1 - decay) * seen[2][k]
+        np.testing.assert_allclose(v, expected, rtol=1e-6, atol=1e-7, err_msg=k)
+    assert any(not np.array_equal(ema[k], seen[2][k]) for k in ema)
+    trainer.ckpt.save(trainer.state, trainer.record(2))
+    trainer.ckpt.close()
+    mgr = ocp.CheckpointManager(str(tmp_path / "run" / "checkpoints"))
+    saved = mgr.restore(2, args=ocp.args.Composite(ema=ocp.args.StandardRestore()))
+    assert _flat(saved["ema"]).keys() == ema.keys()
