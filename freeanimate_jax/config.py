@@ -175,6 +175,9 @@ class GenerateJob(Job):
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
 
 
+NEW_CONTROLNET = "new"  # train: a new ControlNet made from the base UNet (diffusers' from_unet)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainJob(Job):
     """Everything `freeanimate train run` needs: the frozen base, the module to train (a new
@@ -184,7 +187,7 @@ class TrainJob(Job):
     SECTION: ClassVar[str] = "train"
     SETTINGS: ClassVar[type] = train_settings.LoopConfig
 
-    controlnet: str = ""
+    controlnet: str = ""  # a ControlNet to train (train.motion=none); "new": from the UNet
     motion_module: str = ""  # "" = a new module of layout train.motion, proj_out zeroed
     size: Any = 256  # training size: the short side is resized to it, then centre-cropped
     data: DataSection = dataclasses.field(default_factory=DataSection)
@@ -412,7 +415,12 @@ def _validate(job: Job) -> None:
     if isinstance(job, AnimateJob) and not job.controlnet:
         raise ConfigError("controlnet='': FreeAnimate needs one; expected an openpose "
                           "ControlNet folder or hub id")
-    if job.controlnet and (job.model == TINY_MODEL) != (job.controlnet == TINY_MODEL):
+    if isinstance(job, TrainJob) and job.controlnet and (job.motion_module
+                                                         or job.train.motion != "none"):
+        raise ConfigError(f"controlnet={job.controlnet!r} trains on frames as images; expected "
+                          f"train.motion=none and no motion_module")
+    if job.controlnet not in ("", NEW_CONTROLNET) and (
+            (job.model == TINY_MODEL) != (job.controlnet == TINY_MODEL)):
         raise ConfigError(f"model={job.model!r} with controlnet={job.controlnet!r}; expected "
                           f"both or neither to be {TINY_MODEL!r} (the tiny demo family)")
     if job.motion_module == TINY_MODEL != job.model:

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume-from", type=int, metavar="STEP",
                            help="continue from this checkpoint instead of the latest")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    e = sub.add_parser("export", help="write the trained module (motion keys only)")
+    e = sub.add_parser("export", help="write what the run trained (a motion module: motion keys "
+                       "only; a ControlNet or image UNet: a diffusers folder)")
     e.add_argument("--run", required=True, metavar="DIR", help="the run's train.output_dir")
     e.add_argument("--out", required=True, metavar="PATH", help="a folder (diffusers) or a "
                    ".safetensors file (original)")
@@ -161,5 +162,5 @@ def export(args: argparse.Namespace) -> int:
 
     path = export_run(args.run, args.out, layout=args.layout, step=args.step, ema=args.ema,
                       overwrite=args.overwrite)
-    print(f"exported the motion module ({args.layout}) to {path}")
+    print(f"exported what the run trained ({args.layout} layout) to {path}")
     return 0

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from freeanimate_jax import parallel
 from freeanimate_jax.config import TrainJob
+from freeanimate_jax.data.errors import DataError
 from freeanimate_jax.train import checkpoint, metrics, objective
 from freeanimate_jax.train import state as st
 from freeanimate_jax.train import step as sp
@@ -36,12 +37,21 @@ class TrainError(RuntimeError):
 class Models:
     """The frozen base with the module to train inserted, and the frozen encoders."""
 
-    unet: nnx.Module  # a UNetMotionModel
-    adapter: nnx.Module  # its motion adapter (shares the UNet's motion modules)
+    unet: nnx.Module  # a UNetMotionModel, or a UNet2D (train.motion=none)
+    adapter: nnx.Module | None  # its motion adapter (shares the UNet's motion modules)
     vae: nnx.Module
     text_encoder: nnx.Module
     tokenizer: Any
-    adapter_config: dict
+    adapter_config: dict | None
+    controlnet: nnx.Module | None = None  # a ControlNet to train (with the UNet frozen)
+
+    @property
+    def trained_model(self) -> nnx.Module:
+        """The module the trainable pattern is matched in: the UNet, or with a ControlNet both
+        (paths `unet.` and `controlnet.`)."""
+        if self.controlnet is None:
+            return self.unet
+        return st.ControlledUNet(self.unet, self.controlnet)
 
 
 def load_base(job: TrainJob, dtype: Any) -> Any:
@@ -49,17 +59,27 @@ def load_base(job: TrainJob, dtype: Any) -> Any:
     module: what training and the latent cache start from."""
     from freeanimate_jax.weights.assemble import load_models
 
-    return load_models(dataclasses.replace(job, motion_module=""), dtype)
+    controlnet = "" if job.controlnet == st.NEW else job.controlnet
+    return load_models(dataclasses.replace(job, motion_module="", controlnet=controlnet), dtype)
 
 
 def build_models(job: TrainJob, dtype: Any) -> Models:
     """The job's base (weights/assemble, as the sampling commands) and its motion module: the
-    given one, or a new zero-initialised one of layout `train.motion`. The trained parameters
-    are fp32 whatever the compute dtype (they are cast inside the step)."""
+    given one, or a new zero-initialised one of layout `train.motion` (none: no module); and
+    the ControlNet `controlnet` names (`new`: made from the UNet, as diffusers' `from_unet`).
+    The trained parameters are fp32 whatever the compute dtype (they are cast in the step)."""
     from freeanimate_jax.models.motion import UNetMotionModel
 
     base = load_base(job, dtype)
     loop = job.sections()[3]
+    controlnet = None
+    if job.controlnet:  # the config check allows it with train.motion=none only
+        controlnet = (st.new_controlnet(base.unet, seed=loop.seed) if job.controlnet == st.NEW
+                      else base.controlnet)
+    if loop.motion == "none" and not job.motion_module:
+        st.set_remat(base.unet, loop)
+        return Models(base.unet, None, base.vae, base.text_encoder, base.tokenizer, None,
+                      controlnet)
     if job.motion_module:
         from freeanimate_jax.weights.assemble import _load_motion
 
@@ -86,12 +106,17 @@ class Trainer:
         self.job, self.models, self.data, self.mesh, self.log = job, models, data, mesh, log
         self.data_cfg, self.noise, self.optim, self.loop, self.val = job.sections()
         self.out = Path(self.loop.output_dir).expanduser()
-        graphdef, trained, frozen = st.split(models.unet, self.loop.trainable)
+        graphdef, trained, frozen = st.split(models.trained_model, self.loop.trainable)
         self.graphdef = graphdef
         replicated = parallel.replicated(mesh)
         cast = jax.tree.map(lambda x: jnp.asarray(x, compute_dtype), frozen)
         self.frozen = jax.device_put(cast, replicated)
         self.cached = self.data_cfg.source == "latents"
+        self.controlled = models.controlnet is not None
+        if self.controlled and (self.cached or "condition" not in data.batch(0)):
+            raise DataError(f"controlnet training needs control images per frame; data.source="
+                            f"{self.data_cfg.source} has none; expected rows with `condition` "
+                            f"frames (the synthetic data has its shapes' masks)")
         self.encoders = self.encoder_graphs = None
         if not self.cached:
             (vg, vs), (tg, ts) = nnx.split(models.vae), nnx.split(models.text_encoder)
@@ -113,6 +138,7 @@ class Trainer:
                                            asynchronous=self.loop.ckpt_async)
         self.stop_requested = False
         self.data_motion: float | None = None
+        self.val_condition: np.ndarray | None = None  # (F, H, W, 3) uint8, ControlNet runs
         self.empty_ids = self.token_ids([""])[0]
 
     # -- inputs ---------------------------------------------------------------------------
@@ -128,6 +154,8 @@ class Trainer:
             empty = jax.device_put(jnp.asarray(host["empty"]), parallel.replicated(self.mesh))
         else:
             local = {"pixels": host["pixels"], "input_ids": self.token_ids(host["caption"])}
+            if self.controlled:
+                local["condition"] = host["condition"]
         out = {k: jax.make_array_from_process_local_data(data_sharding(self.mesh, v.ndim), v)
                for k, v in local.items()}
         if self.cached:
@@ -144,8 +172,14 @@ class Trainer:
         return {"step": step, "data": {"next_step": step, "seed": self.loop.seed,
                                        "global_batch": int(self.data.global_batch)},
                 "trainable": self.loop.trainable, "adapter_config": self.models.adapter_config,
-                "norm_per_frame": bool(self.models.adapter.cfg.norm_per_frame),
-                "base": {"model": self.job.model, "motion_module": self.job.motion_module},
+                "norm_per_frame": (None if self.models.adapter is None
+                                   else bool(self.models.adapter.cfg.norm_per_frame)),
+                "unet_config": (dict(self.models.unet.config) if self.models.adapter is None
+                                else None),  # the image UNet an image-stage run trains
+                "controlnet_config": (None if self.models.controlnet is None
+                                      else dict(self.models.controlnet.config)),
+                "base": {"model": self.job.model, "motion_module": self.job.motion_module,
+                         "controlnet": self.job.controlnet},
                 "config": self.job.to_dict(), "versions": _versions()}
 
     def restore(self, resume_from: int | None = None) -> int:
@@ -249,6 +283,8 @@ class Trainer:
         from freeanimate_jax.train.validate import motion_score
 
         host = self.data.batch(0)
+        if "condition" in host:
+            self.val_condition = np.round(host["condition"][0] * 255).astype(np.uint8)
         if "pixels" not in host:
             return None
         return float(np.mean([motion_score((clip + 1) / 2) for clip in host["pixels"]]))
@@ -256,6 +292,7 @@ class Trainer:
     def trained_params(self, ema: bool = False) -> nnx.State:
         return self.state["ema" if ema else "params"]
 
-    def merged_unet(self, ema: bool = False) -> nnx.Module:
-        """The UNet with the current trained parameters (fp32) and the frozen rest."""
+    def merged(self, ema: bool = False) -> nnx.Module:
+        """The trained model (the UNet, or `ControlledUNet`) with the current trained
+        parameters (fp32) and the frozen rest."""
         return nnx.merge(self.graphdef, self.trained_params(ema), self.frozen)

@@ -14,7 +14,7 @@ DATA_SOURCES = ("frames", "bytes", "synthetic", "latents")
 SCHEDULES = ("constant", "cosine", "linear")
 REMAT = ("none", "full", "dots_no_batch")
 PREDICTIONS = ("epsilon", "v_prediction")
-LAYOUTS = ("v1", "v2", "v3")
+LAYOUTS = ("v1", "v2", "v3", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,9 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
     trainable: str = "motion_modules"  # regex searched in each parameter's dotted path
-    motion: str = "v3"  # layout of a new module (when motion_module is empty): v1 | v2 | v3
+    # Layout of a new module (when motion_module is empty): v1 | v2 | v3; none: no motion
+    # module, frames train as images (AnimateDiff's image stage, ControlNet training).
+    motion: str = "v3"
     norm_per_frame: bool = True  # GroupNorm per frame, as the released SD1.5 modules
     batch_per_chip: int = 4
     global_batch: Optional[int] = None  # noqa: UP045  null: batch_per_chip x chips

@@ -18,9 +18,19 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from freeanimate_jax.config import NEW_CONTROLNET
 from freeanimate_jax.train.settings import LoopConfig, OptimConfig
 
 _POSITIONS = {"v1": 24, "v2": 32, "v3": 32}
+NEW = NEW_CONTROLNET  # `controlnet: new`: a ControlNet made from the base UNet
+
+
+class ControlledUNet(nnx.Module):
+    """A UNet and a ControlNet as one module, so one name filter picks what trains in either
+    (`controlnet` trains the ControlNet with the UNet frozen)."""
+
+    def __init__(self, unet: nnx.Module, controlnet: nnx.Module):
+        self.unet, self.controlnet = unet, controlnet
 
 
 def path_name(path: tuple) -> str:
@@ -83,6 +93,18 @@ def new_adapter(unet_config: Mapping[str, Any], layout: str, *, norm_per_frame: 
     adapter = MotionAdapter(cfg, zero_out=True, rngs=nnx.Rngs(seed), param_dtype=dtype)
     adapter.config = FrozenConfig(config)
     return adapter
+
+
+def new_controlnet(unet: nnx.Module, *, seed: int = 0, dtype=jnp.float32) -> nnx.Module:
+    """A ControlNet for `unet` as diffusers' train_controlnet.py starts one (`from_unet`: the
+    encoder copied, zero convs zero), RGB condition images at the image size."""
+    from freeanimate_jax.models.controlnet import ControlNetModel, config_from_unet
+    from freeanimate_jax.weights.loader import FrozenConfig
+
+    config = config_from_unet(unet.config)
+    net = ControlNetModel.from_unet(unet, config, rngs=nnx.Rngs(seed), param_dtype=dtype)
+    net.config = FrozenConfig(config)
+    return net
 
 
 def learning_rate(optim: OptimConfig, max_steps: int) -> optax.Schedule:

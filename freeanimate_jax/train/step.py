@@ -20,6 +20,7 @@ from einops import rearrange
 from flax import nnx
 
 from freeanimate_jax.diffusion import ddim
+from freeanimate_jax.pipelines.core import predict
 from freeanimate_jax.train import objective
 from freeanimate_jax.train.settings import NoiseConfig
 
@@ -74,6 +75,20 @@ def model_inputs(cfg: StepConfig, d: dict[str, Array], mean: Array, logstd: Arra
     return {"z0": z0, "noise": noise, "t": d["t"], "context": context}
 
 
+def denoise(model: Any, zt: Array, t: Array, context: Array, cond: Array | None) -> Array:
+    """The prediction for noised clips `zt` (B, F, h, w, c), timesteps and text per clip. A
+    UNetMotionModel sees each clip as one video, a UNet2D each frame as an image; with a
+    ControlNet (`model.controlnet`, conditions `cond` (B, F, H, W, 3) in [0, 1]) the frames go
+    as images through the sampling core's ControlNet wiring."""
+    if cond is None:
+        return model(zt, t, context)
+    f = zt.shape[1]
+    fold = lambda x: rearrange(x, "b f ... -> (b f) ...")  # noqa: E731
+    eps = predict(model.unet, model.controlnet, fold(zt), jnp.repeat(t, f),
+                  jnp.repeat(context, f, axis=0), fold(cond), 1.0, None, video=False)
+    return rearrange(eps, "(b f) ... -> b f ...", f=f)
+
+
 def loss_fn(params: nnx.State, frozen: nnx.State, graphdef: Any, inputs: dict[str, Array],
             alphas: Array, cfg: StepConfig) -> Array:
     """fp32 MSE of the UNet's prediction on noised latents against the objective's target;
@@ -83,7 +98,8 @@ def loss_fn(params: nnx.State, frozen: nnx.State, graphdef: Any, inputs: dict[st
     unet = nnx.merge(graphdef, cast, frozen, copy=True)
     z0, noise, t = inputs["z0"], inputs["noise"], inputs["t"]
     zt = ddim.add_noise(alphas, z0, noise, t)
-    pred = unet(zt.astype(cfg.compute_dtype), t, inputs["context"].astype(cfg.compute_dtype))
+    pred = denoise(unet, zt.astype(cfg.compute_dtype), t,
+                   inputs["context"].astype(cfg.compute_dtype), inputs.get("cond"))
     tgt = objective.target(alphas, z0, noise, t, cfg.noise.prediction_type)
     weights = objective.loss_weights(alphas, t, cfg.noise.snr_gamma, cfg.noise.prediction_type)
     return objective.mse(pred, tgt, weights)
@@ -120,6 +136,8 @@ def train_step(state: dict[str, Any], batch: dict[str, Array], frozen: nnx.State
     d = draws(cfg, step, mean.shape[0])
     inputs = model_inputs(cfg, d, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(logstd),
                           jax.lax.stop_gradient(context), jax.lax.stop_gradient(empty))
+    if "condition" in batch:  # ControlNet training: the frames' condition images
+        inputs["cond"] = batch["condition"]
     loss, grads = _grads(state["params"], frozen, graphdef, inputs, alphas, cfg)
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)

@@ -30,13 +30,18 @@ def sample(trainer: Any, prompt: str, seed: int, *, ema: bool = False) -> np.nda
     from freeanimate_jax.weights.pipeline import SDPipelineModels
 
     m, val = trainer.models, trainer.val
-    models = SDPipelineModels(unet=trainer.merged_unet(ema), vae=m.vae,
-                              text_encoder=m.text_encoder, tokenizer=m.tokenizer,
-                              scheduler=scheduler(trainer.noise))
-    settings = GenerateSettings(frames=val.frames, steps=val.steps,
-                                guidance_scale=val.guidance, seed=seed)
+    merged = trainer.merged(ema)
+    unet, controlnet = (merged.unet, merged.controlnet) if trainer.controlled else (merged, None)
+    models = SDPipelineModels(unet=unet, vae=m.vae, text_encoder=m.text_encoder,
+                              tokenizer=m.tokenizer, scheduler=scheduler(trainer.noise),
+                              controlnet=controlnet)
+    # A ControlNet is validated on the control images of the first training clip.
+    poses = trainer.val_condition if trainer.controlled else None
+    frames = val.frames if poses is None else len(poses)
+    settings = GenerateSettings(frames=frames, steps=val.steps, guidance_scale=val.guidance,
+                                seed=seed)
     size = trainer.job.size_hw
-    return np.asarray(Generate(models, settings)(prompt, size).frames, np.float32)
+    return np.asarray(Generate(models, settings)(prompt, size, poses=poses).frames, np.float32)
 
 
 def validate(trainer: Any, step: int) -> dict[str, Any]:

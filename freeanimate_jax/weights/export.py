@@ -95,3 +95,16 @@ def export_original(adapter: MotionAdapter, file: str | Path, *,
     with _staged(file, folder=False, overwrite=overwrite) as staging:
         _save(state, staging)
     return file
+
+
+def export_model_folder(model: nnx.Module, config: dict, folder: str | Path, *,
+                        overwrite: bool = False) -> Path:
+    """Write a diffusers model folder (`config.json` + safetensors in PyTorch names and
+    layouts) for a UNet2DConditionModel or ControlNetModel of ours; returns it."""
+    folder = Path(folder).expanduser()
+    state = {k: np.ascontiguousarray(v) for k, v in export_state_dict(model).items()}
+    with _staged(folder, folder=True, overwrite=overwrite) as staging:
+        (staging / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True)
+                                             + "\n")
+        _save(state, staging / WEIGHTS_NAME)
+    return folder
