@@ -1,5 +1,6 @@
 """Training data: synthetic clips, the WebVid-folder tfds builder (ArrayRecord, offline), PyAV
-decoding and the grain pipeline (host sharding, exact resume, deterministic replacement)."""
+decoding and the grain pipeline (one global order sliced per host, exact resume, deterministic
+replacement)."""
 
 import logging
 import os
@@ -245,8 +246,16 @@ def test_two_hosts_see_disjoint_rows_and_count_the_dropped():
         seen.append(set(rows.tolist()))
     assert not seen[0] & seen[1]
     dropped = set(range(11)) - (seen[0] | seen[1])
-    # 11 rows: 1 lost to equal shards (5 + 5), then 1 per host to the batch remainder.
+    # 11 rows in global batches of 4: 2 steps per epoch, 3 rows left over.
     assert len(dropped) == hosts[0].epoch_size - hosts[0].rows_used == 3
+    # The global batch is the same clips on one host (batch 4) as on two (2 + 2), so a run's
+    # numbers do not depend on how many hosts feed it.
+    single = TrainData(source, batch_per_host=4, process_index=0, process_count=1, **CLIP)
+    for step in (0, 1, 2, 5):
+        both = [data.batch(step) for data in hosts]
+        one = single.batch(step)
+        assert np.array_equal(np.concatenate([b["index"] for b in both]), one["index"])
+        assert np.array_equal(np.concatenate([b["pixels"] for b in both]), one["pixels"])
 
 
 def test_resume_is_exact_and_epochs_reshuffle():

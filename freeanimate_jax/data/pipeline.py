@@ -1,4 +1,4 @@
-"""The grain input pipeline: host shard -> per-epoch shuffle -> batch -> repeat -> decode.
+"""The grain input pipeline: per-epoch shuffle -> global batch -> host slice -> decode.
 
 Every batch is a pure function of (seed, step): `TrainData(...).batch(step)` is the same in a
 fresh process, so resuming at a step needs no iterator state. Clip windows and flips are pure
@@ -117,10 +117,12 @@ def decode_record(record: dict, **kw: Any) -> tuple[np.ndarray, str, str]:
 class TrainData:
     """Per-host training batches over a random-access source.
 
-    Host `p` of `P` owns rows `p, p+P, ...` of the first `P * (len // P)` rows (equal shards, so
-    every host runs the same number of steps per epoch); each epoch shuffles the shard afresh
-    and drops the remainder that does not fill a batch (`drop_remainder`). A row that cannot be
-    decoded, or is shorter than `frames`, is replaced by the next valid row of the same shard.
+    One global order for every host count: each epoch shuffles all rows afresh and cuts them
+    into global batches of `batch_per_host x process_count` (the remainder that does not fill
+    one is dropped, `drop_remainder`); host `p` reads slice `p` of each global batch. So the
+    global batch at a step is the same clips on 1 host or 8, and the hosts' rows are disjoint.
+    A row that cannot be decoded, or is shorter than `frames`, is replaced by the next valid
+    row (`row + 1`, `row + 2`, ... modulo the dataset), the same on every host count.
     """
 
     def __init__(self, source: Any, *, frames: int = 16, stride: int = 4, size: int = 256,
@@ -135,12 +137,12 @@ class TrainData:
             raise DataError(f"frames={frames}, stride={stride}, batch_per_host={batch_per_host}, "
                             f"size={size}, seed={seed}; expected positive values and seed >= 0")
         n = len(source)
-        self.shard_size = n // pc
-        if self.shard_size == 0:
-            raise DataError(f"the dataset has {n} rows; expected at least {pc} (one per host)")
-        if drop_remainder and self.shard_size < batch_per_host:
-            raise DataError(f"each host's shard has {self.shard_size} rows; expected at least "
-                            f"batch_per_host={batch_per_host}")
+        global_batch = batch_per_host * pc
+        if n == 0:
+            raise DataError("the dataset has no rows; expected at least one")
+        if drop_remainder and n < global_batch:
+            raise DataError(f"the dataset has {n} rows; expected at least one global batch "
+                            f"({batch_per_host} per host x {pc} hosts = {global_batch})")
         self.source, self.seed, self.hflip = source, seed, hflip
         self.frames, self.stride, self.size, self.max_frames = frames, stride, size, max_frames
         self.batch_per_host, self.drop_remainder = batch_per_host, drop_remainder
@@ -151,13 +153,11 @@ class TrainData:
         # grain's shuffle seeds epoch e with (seed + e); a derived seed keeps run seed s+1 from
         # replaying run seed s's orders shifted by one epoch.
         shuffle_seed = int(np.random.default_rng((seed, 0x5EED)).integers(2**31))
-        # range(start, stop, step) rather than a slice of range(n): grain changes how a slice
-        # maps the epoch-offset indices that shuffle passes down (0.2.19 `wrap_around`).
-        rows = grain.MapDataset.range(pi, pc * self.shard_size, pc)
         # batch before repeat: batches never straddle epochs, and repeat reseeds each epoch.
-        self._order = rows.shuffle(seed=shuffle_seed).batch(
-            batch_per_host, drop_remainder=drop_remainder).repeat()
-        self.dataset = self._order.map_with_index(self._load_batch)
+        self._global = grain.MapDataset.range(n).shuffle(seed=shuffle_seed).batch(
+            global_batch, drop_remainder=drop_remainder).repeat()
+        self.dataset = self._global.map_with_index(
+            lambda step, rows: self._load_batch(step, self._host_slice(rows)))
 
     @property
     def epoch_size(self) -> int:
@@ -166,18 +166,22 @@ class TrainData:
 
     @property
     def steps_per_epoch(self) -> int:
-        b = self.batch_per_host
-        return self.shard_size // b if self.drop_remainder else -(-self.shard_size // b)
+        g = self.batch_per_host * self.process_count
+        return len(self.source) // g if self.drop_remainder else -(-len(self.source) // g)
 
     @property
     def rows_used(self) -> int:
         """Rows all hosts together read per epoch; `epoch_size - rows_used` are dropped."""
-        per_host = min(self.shard_size, self.steps_per_epoch * self.batch_per_host)
-        return per_host * self.process_count
+        return min(len(self.source),
+                   self.steps_per_epoch * self.batch_per_host * self.process_count)
 
     def indices(self, step: int) -> np.ndarray:
         """Source rows scheduled for this host's batch at `step` (before any replacement)."""
-        return np.asarray(self._order[step], np.int64)
+        return self._host_slice(self._global[step])
+
+    def _host_slice(self, rows: Any) -> np.ndarray:
+        b, p = self.batch_per_host, self.process_index
+        return np.asarray(rows, np.int64)[p * b:(p + 1) * b]
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """`pixels` float32 (B, F, size, size, 3) in [-1, 1]; `caption`, `videoid` (object
@@ -210,10 +214,9 @@ class TrainData:
         return batch
 
     def _load_row(self, epoch: int, row: int) -> dict[str, Any]:
-        pi, pc, n = self.process_index, self.process_count, self.shard_size
-        pos = (row - pi) // pc
+        n = len(self.source)
         for k in range(n):
-            candidate = pi + ((pos + k) % n) * pc
+            candidate = (row + k) % n
             if candidate not in self._bad:
                 try:
                     clip = decode_clip(
@@ -225,8 +228,8 @@ class TrainData:
                 except Exception as e:
                     with self._lock:
                         self._bad[candidate] = f"{type(e).__name__}: {e}"
-                    LOG.warning("row %d unreadable (%s); using the next valid row of host %d's "
-                                "shard", candidate, self._bad[candidate], pi)
+                    LOG.warning("row %d unreadable (%s); using the next valid row",
+                                candidate, self._bad[candidate])
                     continue
                 if k:
                     with self._lock:
@@ -234,7 +237,7 @@ class TrainData:
                     LOG.info("row %d replaced by row %d (replacements so far: %d)",
                              row, candidate, self.replaced)
                 return {**clip, "index": candidate}
-        raise DataError(f"no readable clip among host {pi}'s {n} rows; expected videos of at "
+        raise DataError(f"no readable clip among the dataset's {n} rows; expected videos of at "
                         f"least {self.frames} frames")
 
 

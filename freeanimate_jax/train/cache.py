@@ -84,9 +84,9 @@ class LatentSource:
 
 
 class LatentData(TrainData):
-    """TrainData's sampling (host shard, per-epoch shuffle, windows by (seed, epoch, row)) over
-    the latent cache: batches of `mean`, `logstd` (B, F, h, w, 4), `context` (B, 77, D) and
-    the shared `empty` embedding."""
+    """TrainData's sampling (one global order reshuffled each epoch, windows by (seed, epoch,
+    row)) over the latent cache: batches of `mean`, `logstd` (B, F, h, w, 4), `context`
+    (B, 77, D) and the shared `empty` embedding."""
 
     def __init__(self, source: LatentSource, **kw: Any):
         kw["hflip"] = False
