@@ -223,6 +223,18 @@ def make_progress(args: argparse.Namespace) -> ConsoleProgress:
     return progress
 
 
+def join_hosts() -> None:
+    """Join the multi-host job when FREEANIMATE_DISTRIBUTED=1 (run_tpu.sh sets it on every
+    host); before anything touches a device."""
+    from freeanimate_jax import parallel
+
+    if os.environ.get("FREEANIMATE_DISTRIBUTED") == "1":
+        try:
+            parallel.initialize_distributed()
+        except ValueError as e:
+            raise ConfigError(f"FREEANIMATE_DISTRIBUTED=1: {e}") from None
+
+
 def start_runtime(job: Job, frames: int | None = None, what: str = "") -> tuple[Any, Any]:
     """Compilation cache, dtype and a frame mesh over all devices (when more than one).
     `frames`: a video that must divide over the mesh (a motion module sees every frame, so
@@ -231,11 +243,7 @@ def start_runtime(job: Job, frames: int | None = None, what: str = "") -> tuple[
 
     from freeanimate_jax import parallel
 
-    if os.environ.get("FREEANIMATE_DISTRIBUTED") == "1":  # run_tpu.sh sets it on every host
-        try:
-            parallel.initialize_distributed()
-        except ValueError as e:
-            raise ConfigError(f"FREEANIMATE_DISTRIBUTED=1: {e}") from None
+    join_hosts()
     mesh = parallel.make_mesh() if len(jax.devices()) > 1 else None
     if frames is not None:
         try:

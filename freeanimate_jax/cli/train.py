@@ -131,7 +131,7 @@ def run(args: argparse.Namespace, job: TrainJob) -> int:
     import jax
 
     from freeanimate_jax import parallel
-    from freeanimate_jax.cli.run import enable_compilation_cache, resolve_dtype
+    from freeanimate_jax.cli.run import enable_compilation_cache, join_hosts, resolve_dtype
     from freeanimate_jax.models.motion import position_limit
     from freeanimate_jax.train.data import open_data
     from freeanimate_jax.train.loop import Trainer, build_models
@@ -139,6 +139,7 @@ def run(args: argparse.Namespace, job: TrainJob) -> int:
 
     data_cfg, _, _, loop, val = job.sections()
     out = Path(loop.output_dir).expanduser()
+    join_hosts()
     mesh = parallel.make_mesh(frames=1, data=len(jax.devices()))
     data = open_data(job, mesh.size)
     enable_compilation_cache(job.compilation_cache)
@@ -148,10 +149,13 @@ def run(args: argparse.Namespace, job: TrainJob) -> int:
         if limit is not None and frames > limit:
             raise cfg.ConfigError(f"{key}={frames} exceeds the motion module's position table "
                                   f"({limit}); expected at most {limit} frames")
-    print(f"training {loop.trainable!r} for {loop.max_steps} steps, global batch "
-          f"{data.global_batch} on {mesh.size} device(s); output {out}", flush=True)
     trainer = Trainer(job, models, data, mesh, compute_dtype=resolve_dtype(job.dtype),
                       log=lambda s: print(s, flush=True))
+    hosts = f" ({jax.process_count()} processes)" if jax.process_count() > 1 else ""
+    print(f"training {loop.trainable!r} for {loop.max_steps} steps, global batch "
+          f"{data.global_batch} on {mesh.size} device(s){hosts}, trained state "
+          f"{'sharded over data' if trainer.sharded else 'replicated'}; output {out}",
+          flush=True)
     result = trainer.run(args.resume_from, validate=validate if val.every else None)
     print(f"done: step {result['step']}, checkpoints in {out / 'checkpoints'}", flush=True)
     return 0

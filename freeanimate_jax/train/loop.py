@@ -94,6 +94,12 @@ def build_models(job: TrainJob, dtype: Any) -> Models:
     return Models(unet, adapter, base.vae, base.text_encoder, base.tokenizer, config)
 
 
+def _chip_bytes() -> int | None:
+    """A chip's memory as the runtime reports it (None where it does not: the CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
 def data_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(parallel.DATA, *([None] * (ndim - 1))))
 
@@ -130,7 +136,11 @@ class Trainer:
             scaling_factor=float(getattr(models.vae, "scaling_factor", 0.18215)),
             compute_dtype=compute_dtype, ema_decay=self.optim.ema_decay)
         state = st.init_state(trained, self.tx, self.optim)
-        self.state_shardings = jax.tree.map(lambda _: replicated, state)
+        n_trained = sum(x.size for x in jax.tree.leaves(trained))
+        self.sharded = st.shard_state(self.loop, self.optim, n_trained,
+                                      mesh.shape[parallel.DATA], _chip_bytes())
+        rules = ((".*", "fsdp"),) if self.sharded else parallel.REPLICATED_PARAMS
+        self.state_shardings = parallel.param_shardings(state, mesh, rules)
         self.state = jax.device_put(state, self.state_shardings)
         self.step_fn = sp.make_step(graphdef, self.tx, self.lr, objective.alphas(self.noise),
                                     self.cfg, self.encoder_graphs, self.state_shardings)
@@ -188,7 +198,8 @@ class Trainer:
         if step is None:
             return 0
         self.state, _ = self.ckpt.restore(step, self.state)
-        metrics.truncate_jsonl(self.out / "metrics.jsonl", step)
+        if jax.process_index() == 0:
+            metrics.truncate_jsonl(self.out / "metrics.jsonl", step)
         self.log(f"resumed from the checkpoint of step {step}")
         dropped = self.ckpt.drop_after(step)
         if dropped:
@@ -203,7 +214,8 @@ class Trainer:
         start = self.restore(resume_from)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         writers = metrics.Writers(self.out, tensorboard=self.loop.tensorboard,
-                                  wandb=self.loop.wandb, config=self.job.to_dict())
+                                  wandb=self.loop.wandb, config=self.job.to_dict(),
+                                  primary=jax.process_index() == 0)
         peak = metrics.peak_flops(jax.devices()[0].device_kind)
         flops = None  # per clip, from the compiled step (accelerators only)
         chips = self.mesh.size
@@ -294,5 +306,17 @@ class Trainer:
 
     def merged(self, ema: bool = False) -> nnx.Module:
         """The trained model (the UNet, or `ControlledUNet`) with the current trained
-        parameters (fp32) and the frozen rest."""
-        return nnx.merge(self.graphdef, self.trained_params(ema), self.frozen)
+        parameters (fp32) and the frozen rest, as host copies: sampling runs on one process's
+        first device whatever the mesh. Every process must call it (a multi-host run gathers
+        the sharded state)."""
+        params, frozen = _to_host((self.trained_params(ema), self.frozen))
+        return nnx.merge(self.graphdef, params, frozen)
+
+
+def _to_host(tree: Any) -> Any:
+    """Full numpy copies of global arrays, sharded or replicated, on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)

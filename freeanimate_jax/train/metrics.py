@@ -30,19 +30,29 @@ def truncate_jsonl(path: Path, before_step: int) -> None:
     atomic replacement."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= before_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a killed run (SIGKILL, a preempted host)
+        if record.get("step", 0) <= before_step:
+            kept.append(line)
     with staged(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept))
 
 
 class Writers:
-    """JSONL always; TensorBoard and wandb when asked for and installed."""
+    """JSONL always; TensorBoard and wandb when asked for and installed. Only the `primary`
+    process of a multi-host run writes (the others' writers do nothing)."""
 
-    def __init__(self, folder: Path, *, tensorboard: bool, wandb: bool, config: dict):
+    def __init__(self, folder: Path, *, tensorboard: bool, wandb: bool, config: dict,
+                 primary: bool = True):
+        self.jsonl = self.tb = self.wb = None
+        if not primary:
+            return
         folder.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(folder / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
-        self.tb = self.wb = None
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -61,6 +71,8 @@ class Writers:
                                   dir=str(folder), resume="allow")
 
     def step(self, record: dict[str, Any]) -> None:
+        if self.jsonl is None:
+            return
         self.jsonl.write(json.dumps(record, sort_keys=True) + "\n")
         self.jsonl.flush()
 
@@ -75,7 +87,8 @@ class Writers:
             self.wb.log(finite, step=step)
 
     def close(self) -> None:
-        self.jsonl.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
         if self.wb is not None:

@@ -15,6 +15,7 @@ SCHEDULES = ("constant", "cosine", "linear")
 REMAT = ("none", "full", "dots_no_batch")
 PREDICTIONS = ("epsilon", "v_prediction")
 LAYOUTS = ("v1", "v2", "v3", "none")
+STATE_SHARDING = ("replicate", "data", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,10 @@ class LoopConfig:
     max_steps: int = 100_000
     seed: int = 0
     remat: str = "none"  # per block: none | full | dots_no_batch
+    # The trained weights, optimizer state and EMA: a full copy per chip (replicate), or each
+    # leaf's largest divisible dimension sharded over `data` (ZeRO / FSDP-style); auto: shard
+    # when a replicated copy would take over a quarter of a chip's memory (analytic, no compile).
+    state_sharding: str = "auto"
     output_dir: str = "runs/motion"
     ckpt_every: int = 1000
     ckpt_keep: int = 3
@@ -118,6 +123,8 @@ def check(data: DataConfig, noise: NoiseConfig, optim: OptimConfig, loop: LoopCo
          optim.ema_decay, "a number in (0, 1) or null")
     need(loop.motion in LAYOUTS, "train.motion", loop.motion, " | ".join(LAYOUTS))
     need(loop.remat in REMAT, "train.remat", loop.remat, " | ".join(REMAT))
+    need(loop.state_sharding in STATE_SHARDING, "train.state_sharding", loop.state_sharding,
+         " | ".join(STATE_SHARDING))
     need(loop.batch_per_chip >= 1, "train.batch_per_chip", loop.batch_per_chip, "at least 1")
     need(loop.global_batch is None or loop.global_batch >= 1, "train.global_batch",
          loop.global_batch, "at least 1, or null")

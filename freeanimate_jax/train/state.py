@@ -142,6 +142,25 @@ def init_state(trained: nnx.State, tx: optax.GradientTransformation, optim: Opti
     return state
 
 
+def state_bytes(n_trained: int, optim: OptimConfig) -> int:
+    """Bytes per chip of a replicated train state: fp32 weights, AdamW's two moments, the EMA
+    and the gradients of `n_trained` parameters (what `state_sharding=data` divides)."""
+    copies = 1 + 2 + (optim.ema_decay is not None) + 1
+    return 4 * copies * n_trained
+
+
+def shard_state(loop: LoopConfig, optim: OptimConfig, n_trained: int, data_size: int,
+                chip_bytes: int | None) -> bool:
+    """`train.state_sharding`: shard over `data` (True) or replicate. `auto` shards when there is
+    more than one data shard and the replicated state would take over a quarter of a chip's
+    memory; unknown memory (the CPU) replicates."""
+    if loop.state_sharding != "auto":
+        return loop.state_sharding == "data"
+    if data_size < 2 or not chip_bytes:
+        return False
+    return state_bytes(n_trained, optim) > chip_bytes / 4
+
+
 def set_remat(model: nnx.Module, loop: LoopConfig) -> None:
     """Recompute each UNet block's activations in the backward pass per `train.remat`."""
     model.remat_policy = loop.remat

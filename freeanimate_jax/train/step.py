@@ -158,5 +158,9 @@ def make_step(graphdef: Any, tx: optax.GradientTransformation, lr: optax.Schedul
         return train_step(state, batch, frozen, encoders, graphdef, encoder_graphs, tx, lr,
                           alphas, cfg)
 
-    out = None if state_shardings is None else (state_shardings, None)
+    out = None
+    if state_shardings is not None:
+        # The metrics replicated: every host reads them (per-clip `t` would span hosts).
+        mesh = jax.tree.leaves(state_shardings)[0].mesh
+        out = (state_shardings, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     return jax.jit(fn, donate_argnums=(0,), out_shardings=out)

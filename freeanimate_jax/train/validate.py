@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from freeanimate_jax.io.sheet import contact_sheet
@@ -22,15 +23,17 @@ def motion_score(frames: np.ndarray) -> float:
     return float(np.mean(np.abs(np.diff(f, axis=0)))) if len(f) > 1 else 0.0
 
 
-def sample(trainer: Any, prompt: str, seed: int, *, ema: bool = False) -> np.ndarray:
-    """One validation video (F, H, W, 3) in [0, 1] from the trainer's current weights."""
+def sample(trainer: Any, prompt: str, seed: int, *, ema: bool = False,
+           model: Any = None) -> np.ndarray:
+    """One validation video (F, H, W, 3) in [0, 1] from the trainer's current weights (or
+    `model`, a `trainer.merged()` already made)."""
     from freeanimate_jax.pipelines.generate import Generate
     from freeanimate_jax.pipelines.settings import GenerateSettings
     from freeanimate_jax.train.objective import scheduler
     from freeanimate_jax.weights.pipeline import SDPipelineModels
 
     m, val = trainer.models, trainer.val
-    merged = trainer.merged(ema)
+    merged = trainer.merged(ema) if model is None else model
     unet, controlnet = (merged.unet, merged.controlnet) if trainer.controlled else (merged, None)
     models = SDPipelineModels(unet=unet, vae=m.vae, text_encoder=m.text_encoder,
                               tokenizer=m.tokenizer, scheduler=scheduler(trainer.noise),
@@ -44,13 +47,18 @@ def sample(trainer: Any, prompt: str, seed: int, *, ema: bool = False) -> np.nda
     return np.asarray(Generate(models, settings)(prompt, size, poses=poses).frames, np.float32)
 
 
-def validate(trainer: Any, step: int) -> dict[str, Any]:
-    """Sample every (prompt, seed), write `val/step_N/` (videos, sheet, scores); the scores."""
+def validate(trainer: Any, step: int) -> dict[str, Any] | None:
+    """Sample every (prompt, seed), write `val/step_N/` (videos, sheet, scores); the scores
+    (None on the processes other than 0 of a multi-host run)."""
     folder = Path(trainer.loop.output_dir).expanduser() / "val" / f"step_{step:07d}"
+    ema = trainer.optim.ema_decay is not None
+    model = trainer.merged(ema)  # on every process: a multi-host run gathers its state
+    if jax.process_index() != 0:
+        return None  # process 0 samples and writes
     videos, scores = {}, {}
     for i, prompt in enumerate(trainer.val.prompts):
         for seed in trainer.val.seeds:
-            frames = sample(trainer, prompt, seed, ema=trainer.optim.ema_decay is not None)
+            frames = sample(trainer, prompt, seed, model=model)
             name = f"p{i}_s{seed}"
             write_video(folder / f"{name}.mp4", frames, trainer.job.fps)
             videos[name] = frames
