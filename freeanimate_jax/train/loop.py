@@ -252,7 +252,7 @@ class Trainer:
                 clips = self.data.global_batch / dt
                 line = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
                         "lr": float(m["lr"]), "s_per_step": dt, "clips_per_s": clips,
-                        "data_wait": wait / dt, "indices": np.asarray(host["index"]).tolist(),
+                        "data_wait": wait / dt, "indices": _global_rows(host["index"]),
                         "t": np.asarray(m["t"]).tolist()}
                 mfu = None
                 if flops and peak and jax.default_backend() != "cpu":
@@ -311,6 +311,15 @@ class Trainer:
         the sharded state)."""
         params, frozen = _to_host((self.trained_params(ema), self.frozen))
         return nnx.merge(self.graphdef, params, frozen)
+
+
+def _global_rows(local: np.ndarray) -> list[int]:
+    """The rows of the whole global batch, hosts in order (each host read its slice)."""
+    if jax.process_count() == 1:
+        return np.asarray(local).tolist()
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True)).tolist()
 
 
 def _to_host(tree: Any) -> Any:
