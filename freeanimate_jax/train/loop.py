@@ -315,11 +315,7 @@ class Trainer:
 
 def _global_rows(local: np.ndarray) -> list[int]:
     """The rows of the whole global batch, hosts in order (each host read its slice)."""
-    if jax.process_count() == 1:
-        return np.asarray(local).tolist()
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True)).tolist()
+    return np.asarray(_to_host(np.asarray(local))).tolist()
 
 
 def _to_host(tree: Any) -> Any:
