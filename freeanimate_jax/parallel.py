@@ -65,6 +65,13 @@ def make_mesh(frames: int | None = None, data: int = 1,
     return Mesh(grid, (DATA, FRAMES))
 
 
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The training mesh: every device on `data` (whole clips per device), frames 1. The run
+    (`freeanimate train run`) and `fit train` both make it here."""
+    devices = list(devices if devices is not None else jax.devices())
+    return make_mesh(frames=1, data=len(devices), devices=devices)
+
+
 def use(mesh: Mesh | None) -> contextlib.AbstractContextManager:
     """The one mesh context every pipeline stage (and every fit lowering of it) runs under."""
     return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
@@ -183,15 +190,37 @@ def pad_frames(x: np.ndarray, n_padded: int, axis: int = 0) -> np.ndarray:
     return np.concatenate([x, np.repeat(last, n_padded - n, axis=axis)], axis=axis)
 
 
+def put(tree, shardings):
+    """Host values (the same on every process) placed as global arrays by `shardings` (one
+    sharding for every leaf, or a matching tree of them).
+
+    On several processes each one fills its own devices' shards from its own copy, with no
+    communication: `jax.device_put` would all-gather every leaf to check that the copies
+    agree, one compiled collective per leaf, and the first of them times out (gloo waits 30 s)
+    when the processes reach it far apart."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, sharding):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, sharding)  # already global: a reshard
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: one(x, shardings), tree)
+    return jax.tree.map(one, tree, shardings)
+
+
 def shard_frames(tree, mesh: Mesh | None, axis: int = 0):
     """Frames of every leaf sharded over the mesh on `axis` (unchanged without a mesh)."""
     if mesh is None:
         return tree
-    return jax.tree.map(lambda a: jax.device_put(a, frame_sharding(mesh, np.ndim(a), axis)), tree)
+    return jax.tree.map(lambda a: put(a, frame_sharding(mesh, np.ndim(a), axis)), tree)
 
 
 def replicate(tree, mesh: Mesh):
-    return jax.device_put(tree, replicated(mesh))
+    return put(tree, replicated(mesh))
 
 
 def replicate_models(models, mesh: Mesh | None) -> None:
@@ -261,6 +290,8 @@ def to_host(x: jax.Array) -> np.ndarray:
     """The whole array as NumPy on this process, also when its shards live on other hosts'
     devices (a multi-host job: every process calls this, and every process gets it all)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.sharding.is_fully_replicated:  # every device holds it all: no gather
+            return np.asarray(x.addressable_data(0))
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -286,6 +317,8 @@ def initialize_distributed() -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
                                    num_processes=num, process_id=pid)
+        if jax.default_backend() == "cpu":
+            _connect_all_devices()
     elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
         jax.distributed.initialize()
     else:
@@ -293,3 +326,23 @@ def initialize_distributed() -> None:
                          "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID")
 
 
+
+
+def _connect_all_devices() -> None:
+    """Open gloo's communicator over every device once, with the processes side by side.
+
+    gloo sets up a communicator for a set of devices at its first collective and gives every
+    process 30 s to arrive there; processes that traced and compiled a stage apart can be
+    further apart than that by the first collective of a run (the gather of the frames), and
+    the run fails. Opened here, right after a barrier of the coordination service (which
+    waits as long as needed, without gloo), the communicator is reused by every later
+    collective over all devices, which is every collective of our meshes."""
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier("freeanimate_connect", 15 * 60 * 1000)
+    mesh = Mesh(np.array(jax.devices()), ("all",))
+    n = mesh.size
+    x = jax.make_array_from_callback((n,), NamedSharding(mesh, P("all")),
+                                     lambda index: np.ones(n, np.float32)[index])
+    total = jax.jit(lambda a: a.sum(), out_shardings=NamedSharding(mesh, P()))(x)
+    assert float(total.addressable_data(0)) == n

@@ -303,8 +303,7 @@ class Sampler:
         """A host value as a stage input, placed by `placement`."""
         if self.mesh is None:
             return jax.tree.map(jnp.asarray, value)
-        return jax.tree.map(lambda a: jax.device_put(a, self.placement(np.shape(a), axis)),
-                            value)
+        return jax.tree.map(lambda a: parallel.put(a, self.placement(np.shape(a), axis)), value)
 
     def text_step(self, s: SamplingSettings) -> Step:
         program = TextProgram(self.graph("text_encoder"), s.clip_skip, self.dtype)

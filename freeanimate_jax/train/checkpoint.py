@@ -20,10 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import handlers
 
+from freeanimate_jax import parallel
+
 PAUSE_ENV = "FREEANIMATE_TEST_PAUSE_SAVE"
+ARRAY_ITEMS = ("params", "opt", "ema")
 
 
 class _Paused:
@@ -74,7 +78,11 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=asynchronous,
             cleanup_tmp_directories=True, create=True)
-        self.manager = ocp.CheckpointManager(os.fspath(directory), options=options)
+        # The items a checkpoint may hold, named so their metadata can be read back (`read`).
+        handlers_by_item = {k: ocp.StandardCheckpointHandler() for k in ARRAY_ITEMS}
+        self.manager = ocp.CheckpointManager(os.fspath(directory), options=options,
+                                             item_handlers={**handlers_by_item,
+                                                            "record": RecordHandler()})
 
     def steps(self) -> list[int]:
         """Complete checkpoints only (partial ones are never listed)."""
@@ -102,9 +110,25 @@ class Checkpoints:
                                                                  record=RecordRestore()))
         record = dict(out["record"])
         state = {k: out[k] for k in items}
-        state["step"] = jax.device_put(jax.numpy.asarray(record["step"], jax.numpy.int32),
-                                       like["step"].sharding)
+        state["step"] = parallel.put(np.int32(record["step"]), like["step"].sharding)
         return state, record
+
+    def read(self, step: int, item: str) -> Any:
+        """One array item of a checkpoint (`params`, `opt`, `ema`) on this process's first
+        device, whatever devices or hosts wrote it: a module trained on a pod slice is
+        exported or inspected on one machine."""
+        meta = self.manager.item_metadata(step)[item]
+        if meta is None:
+            from freeanimate_jax.data.errors import DataError
+
+            raise DataError(f"the checkpoint of step {step} in {self.directory} has no "
+                            f"{item!r}; expected one of {', '.join(ARRAY_ITEMS)}")
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                              meta)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            **{item: ocp.args.StandardRestore(target)}))
+        return out[item]
 
     def drop_after(self, step: int) -> list[int]:
         """Delete the complete checkpoints after `step` (a run resumed from an earlier step

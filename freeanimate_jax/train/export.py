@@ -40,18 +40,14 @@ def saved_params(run: str | Path, *, step: int | None = None, ema: bool = False
                  ) -> tuple[dict[str, Any], dict]:
     """The trained parameters of a run's checkpoint (`step`, default the latest) by dotted
     name, fp32, and its record."""
-    import orbax.checkpoint as ocp
-
     ckpt, step = _checkpoint(run, step)
     try:
         record = ckpt.record(step)
-        item = "ema" if ema else "params"
-        raw = ckpt.manager.restore(
-            step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))
+        raw = ckpt.read(step, "ema" if ema else "params")
     finally:
         ckpt.close()
     return ({path_name(p): jnp.asarray(v, jnp.float32)
-             for p, v in jax.tree_util.tree_leaves_with_path(raw[item])}, record)
+             for p, v in jax.tree_util.tree_leaves_with_path(raw)}, record)
 
 
 def _load_into(model: nnx.Module, saved: dict[str, Any], run: str | Path, what: str) -> None:
