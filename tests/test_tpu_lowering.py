@@ -49,3 +49,24 @@ def test_generate_denoise_compiles_for_v5e_4_with_the_flash_kernel():
     pipe = Generate(abstract_video_models(True, "v3", True, jnp.bfloat16), s, mesh=mesh)
     texts = lower_plan(pipe, pipe.plan(s, True), pipe.input_specs(SIZE, s, True))
     assert "tpu_custom_call" in texts["denoise"] and "tpu_custom_call" in texts["VAE decode"]
+
+
+def test_train_step_compiles_for_v5e_4_with_the_flash_kernel():
+    """The trainer's own step (as `freeanimate train run` builds it, over the tiny family, the
+    VAE encoding pixels in the step) on the data-parallel mesh of 4 v5e chips: the attention
+    kernel comes from the mesh's platform and runs per shard. Built without the mesh's runtime,
+    the step picked its kernel from the host's backend: XLA when compiled on a CPU host, the
+    Pallas kernel unpartitioned on the TPU itself."""
+    from jax.experimental import topologies
+
+    from freeanimate_jax import config as cfg
+    from freeanimate_jax import parallel
+    from freeanimate_jax.fit.train import step_args, step_program
+
+    job = cfg.load_job(None, ["data.source=frames", "data.frames=4", "size=128"],
+                       base=cfg.DEMO_TRAIN_CONFIG, schema=cfg.TrainJob)
+    mesh = parallel.data_mesh(topologies.get_topology_desc("v5e:2x2", "tpu").devices)
+    program, models = step_program(job, "bfloat16", mesh, None)
+    assert program.cfg.runtime.kernel == "tpu_flash"
+    text = program.step.lower(*step_args(program, models, 4, 4, SIZE)).compile().as_text()
+    assert "tpu_custom_call" in text, "no Pallas kernel in the train step"

@@ -140,7 +140,7 @@ def run(args: argparse.Namespace, job: TrainJob) -> int:
     data_cfg, _, _, loop, val = job.sections()
     out = Path(loop.output_dir).expanduser()
     join_hosts()
-    mesh = parallel.make_mesh(frames=1, data=len(jax.devices()))
+    mesh = parallel.data_mesh()
     data = open_data(job, mesh.size)
     enable_compilation_cache(job.compilation_cache)
     models = build_models(job, resolve_dtype(job.dtype))

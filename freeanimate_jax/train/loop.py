@@ -18,15 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from freeanimate_jax import parallel
 from freeanimate_jax.config import TrainJob
 from freeanimate_jax.data.errors import DataError
-from freeanimate_jax.train import checkpoint, metrics, objective
+from freeanimate_jax.train import checkpoint, metrics, program
 from freeanimate_jax.train import state as st
-from freeanimate_jax.train import step as sp
 
 
 class TrainError(RuntimeError):
@@ -63,45 +60,52 @@ def load_base(job: TrainJob, dtype: Any) -> Any:
     return load_models(dataclasses.replace(job, motion_module="", controlnet=controlnet), dtype)
 
 
-def build_models(job: TrainJob, dtype: Any) -> Models:
+def build_models(job: TrainJob, dtype: Any, *, abstract: bool = False) -> Models:
     """The job's base (weights/assemble, as the sampling commands) and its motion module: the
     given one, or a new zero-initialised one of layout `train.motion` (none: no module); and
     the ControlNet `controlnet` names (`new`: made from the UNet, as diffusers' `from_unet`).
-    The trained parameters are fp32 whatever the compute dtype (they are cast in the step)."""
+    The trained parameters are fp32 whatever the compute dtype (they are cast in the step).
+    `abstract`: shapes only, nothing read or initialised (`fit train`): the base is SD1.5's
+    architecture (or the tiny family for a tiny job) and the module a new one."""
     from freeanimate_jax.models.motion import UNetMotionModel
 
-    base = load_base(job, dtype)
+    base = _abstract_base(job, dtype) if abstract else load_base(job, dtype)
     loop = job.sections()[3]
+    shapes = nnx.eval_shape if abstract else (lambda make: make())
     controlnet = None
     if job.controlnet:  # the config check allows it with train.motion=none only
-        controlnet = (st.new_controlnet(base.unet, seed=loop.seed) if job.controlnet == st.NEW
-                      else base.controlnet)
+        controlnet = (shapes(lambda: st.new_controlnet(base.unet, seed=loop.seed))
+                      if job.controlnet == st.NEW or abstract else base.controlnet)
     if loop.motion == "none" and not job.motion_module:
         st.set_remat(base.unet, loop)
         return Models(base.unet, None, base.vae, base.text_encoder, base.tokenizer, None,
                       controlnet)
-    if job.motion_module:
+    if job.motion_module and not abstract:
         from freeanimate_jax.weights.assemble import _load_motion
 
         adapter = _load_motion(job, jnp.float32)
         config = dict(adapter.config) if hasattr(adapter, "config") else adapter.cfg.to_diffusers()
     else:
-        adapter = st.new_adapter(base.unet.config, loop.motion,
-                                 norm_per_frame=loop.norm_per_frame, seed=loop.seed)
-        config = dict(adapter.config)
+        config = st.new_adapter_config(base.unet.config, loop.motion)
+        adapter = shapes(lambda: st.new_adapter(base.unet.config, loop.motion,
+                                                norm_per_frame=loop.norm_per_frame,
+                                                seed=loop.seed))
     unet = UNetMotionModel.from_unet2d(base.unet, adapter)
     st.set_remat(unet, loop)
     return Models(unet, adapter, base.vae, base.text_encoder, base.tokenizer, config)
+
+
+def _abstract_base(job: TrainJob, dtype: Any) -> Any:
+    from freeanimate_jax.config import TINY_MODEL
+    from freeanimate_jax.fit.animate import abstract_models
+
+    return abstract_models(job.model == TINY_MODEL, dtype)
 
 
 def _chip_bytes() -> int | None:
     """A chip's memory as the runtime reports it (None where it does not: the CPU)."""
     stats = jax.local_devices()[0].memory_stats() or {}
     return stats.get("bytes_limit")
-
-
-def data_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
-    return NamedSharding(mesh, P(parallel.DATA, *([None] * (ndim - 1))))
 
 
 class Trainer:
@@ -112,38 +116,23 @@ class Trainer:
         self.job, self.models, self.data, self.mesh, self.log = job, models, data, mesh, log
         self.data_cfg, self.noise, self.optim, self.loop, self.val = job.sections()
         self.out = Path(self.loop.output_dir).expanduser()
-        graphdef, trained, frozen = st.split(models.trained_model, self.loop.trainable)
-        self.graphdef = graphdef
-        replicated = parallel.replicated(mesh)
-        cast = jax.tree.map(lambda x: jnp.asarray(x, compute_dtype), frozen)
-        self.frozen = jax.device_put(cast, replicated)
         self.cached = self.data_cfg.source == "latents"
         self.controlled = models.controlnet is not None
         if self.controlled and (self.cached or "condition" not in data.batch(0)):
             raise DataError(f"controlnet training needs control images per frame; data.source="
                             f"{self.data_cfg.source} has none; expected rows with `condition` "
                             f"frames (the synthetic data has its shapes' masks)")
-        self.encoders = self.encoder_graphs = None
-        if not self.cached:
-            (vg, vs), (tg, ts) = nnx.split(models.vae), nnx.split(models.text_encoder)
-            self.encoder_graphs = (vg, tg)
-            self.encoders = jax.device_put((vs, ts), replicated)
-        self.tx = st.optimizer(self.optim, self.loop.max_steps)
-        self.lr = st.learning_rate(self.optim, self.loop.max_steps)
-        self.cfg = sp.StepConfig(
-            noise=self.noise, caption_dropout=self.data_cfg.caption_dropout,
-            grad_accum=self.optim.grad_accum, seed=self.loop.seed,
-            scaling_factor=float(getattr(models.vae, "scaling_factor", 0.18215)),
-            compute_dtype=compute_dtype, ema_decay=self.optim.ema_decay)
-        state = st.init_state(trained, self.tx, self.optim)
-        n_trained = sum(x.size for x in jax.tree.leaves(trained))
-        self.sharded = st.shard_state(self.loop, self.optim, n_trained,
-                                      mesh.shape[parallel.DATA], _chip_bytes())
-        rules = ((".*", "fsdp"),) if self.sharded else parallel.REPLICATED_PARAMS
-        self.state_shardings = parallel.param_shardings(state, mesh, rules)
-        self.state = jax.device_put(state, self.state_shardings)
-        self.step_fn = sp.make_step(graphdef, self.tx, self.lr, objective.alphas(self.noise),
-                                    self.cfg, self.encoder_graphs, self.state_shardings)
+        encoders = None if self.cached else (models.vae, models.text_encoder)
+        p = program.build(job, models.trained_model, encoders, mesh,
+                          compute_dtype=compute_dtype, chip_bytes=_chip_bytes())
+        self.program, self.graphdef, self.encoder_graphs = p, p.graphdef, p.encoder_graphs
+        self.tx, self.lr, self.cfg, self.sharded = p.tx, p.lr, p.cfg, p.sharded
+        self.state_shardings, self.step_fn = p.state_shardings, p.step
+        replicated = parallel.replicated(mesh)
+        self.frozen = parallel.put(p.frozen, replicated)
+        self.encoders = None if self.cached else parallel.put(p.encoder_states, replicated)
+        self.state = parallel.put(st.init_state(p.trained, self.tx, self.optim),
+                                  self.state_shardings)
         self.ckpt = checkpoint.Checkpoints(self.out / "checkpoints", keep=self.loop.ckpt_keep,
                                            asynchronous=self.loop.ckpt_async)
         self.stop_requested = False
@@ -161,18 +150,18 @@ class Trainer:
         """The host's part of the global batch -> global arrays split over `data`."""
         if self.cached:
             local = {k: host[k] for k in ("mean", "logstd", "context")}
-            empty = jax.device_put(jnp.asarray(host["empty"]), parallel.replicated(self.mesh))
+            empty = parallel.put(host["empty"], parallel.replicated(self.mesh))
         else:
             local = {"pixels": host["pixels"], "input_ids": self.token_ids(host["caption"])}
             if self.controlled:
                 local["condition"] = host["condition"]
-        out = {k: jax.make_array_from_process_local_data(data_sharding(self.mesh, v.ndim), v)
+        out = {k: jax.make_array_from_process_local_data(
+            program.data_sharding(self.mesh, v.ndim), v)
                for k, v in local.items()}
         if self.cached:
             out["empty"] = empty
         else:
-            out["empty_ids"] = jax.device_put(jnp.asarray(self.empty_ids),
-                                              parallel.replicated(self.mesh))
+            out["empty_ids"] = parallel.put(self.empty_ids, parallel.replicated(self.mesh))
         return out
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -252,7 +241,7 @@ class Trainer:
                 clips = self.data.global_batch / dt
                 line = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
                         "lr": float(m["lr"]), "s_per_step": dt, "clips_per_s": clips,
-                        "data_wait": wait / dt, "indices": _global_rows(host["index"]),
+                        "data_wait": wait / dt, "indices": _global_rows(host["index"], self.mesh),
                         "t": np.asarray(m["t"]).tolist()}
                 mfu = None
                 if flops and peak and jax.default_backend() != "cpu":
@@ -309,19 +298,15 @@ class Trainer:
         parameters (fp32) and the frozen rest, as host copies: sampling runs on one process's
         first device whatever the mesh. Every process must call it (a multi-host run gathers
         the sharded state)."""
-        params, frozen = _to_host((self.trained_params(ema), self.frozen))
+        params, frozen = jax.tree.map(parallel.to_host, (self.trained_params(ema), self.frozen))
         return nnx.merge(self.graphdef, params, frozen)
 
 
-def _global_rows(local: np.ndarray) -> list[int]:
-    """The rows of the whole global batch, hosts in order (each host read its slice)."""
-    return np.asarray(_to_host(np.asarray(local))).tolist()
-
-
-def _to_host(tree: Any) -> Any:
-    """Full numpy copies of global arrays, sharded or replicated, on every process."""
+def _global_rows(local: np.ndarray, mesh: jax.sharding.Mesh) -> list[int]:
+    """The rows of the whole global batch, hosts in order (each host read its slice), gathered
+    over the mesh's devices (the communicator every step uses)."""
     if jax.process_count() == 1:
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(tree, tiled=True)
+        return np.asarray(local).tolist()
+    rows = jax.make_array_from_process_local_data(program.data_sharding(mesh, 1),
+                                                  np.asarray(local, np.int32))
+    return parallel.to_host(rows).tolist()

@@ -19,7 +19,9 @@ import optax
 from einops import rearrange
 from flax import nnx
 
+from freeanimate_jax import parallel
 from freeanimate_jax.diffusion import ddim
+from freeanimate_jax.models.attention import DEFAULT_RUNTIME, Runtime, plain
 from freeanimate_jax.pipelines.core import predict
 from freeanimate_jax.train import objective
 from freeanimate_jax.train.settings import NoiseConfig
@@ -38,6 +40,9 @@ class StepConfig:
     scaling_factor: float = 0.18215
     compute_dtype: Any = jnp.float32
     ema_decay: float | None = None
+    # The attention kernel and the data-parallel layout of the mesh (`parallel.runtime`): on a
+    # TPU the flash kernel runs per shard, which only the layout can tell it.
+    runtime: Runtime = DEFAULT_RUNTIME
 
 
 def draws(cfg: StepConfig, step: Array, batch: int) -> dict[str, Array]:
@@ -49,14 +54,16 @@ def draws(cfg: StepConfig, step: Array, batch: int) -> dict[str, Array]:
     return {"t": t, "drop": drop, "k_noise": k_noise, "k_sample": k_sample}
 
 
-def posterior(batch: dict[str, Array], encoders: Any) -> tuple[Array, Array, Array, Array]:
+def posterior(batch: dict[str, Array], encoders: Any, runtime: Runtime = DEFAULT_RUNTIME
+              ) -> tuple[Array, Array, Array, Array]:
     """(mean, logstd, context, empty context) from a cached batch, or by running the frozen
     VAE (per frame) and text encoder on pixels and token ids."""
     if "mean" in batch:
         return batch["mean"], batch["logstd"], batch["context"], batch["empty"]
     vae, text_encoder = encoders
     b = batch["pixels"].shape[0]
-    mean, logvar = vae.encode(rearrange(batch["pixels"], "b f h w c -> (b f) h w c"))
+    mean, logvar = vae.encode(rearrange(batch["pixels"], "b f h w c -> (b f) h w c"),
+                              runtime=None if runtime == DEFAULT_RUNTIME else runtime)
     mean, logvar = (rearrange(x, "(b f) h w c -> b f h w c", b=b) for x in (mean, logvar))
     context = text_encoder(batch["input_ids"])
     empty = text_encoder(batch["empty_ids"][None])[0]
@@ -75,17 +82,20 @@ def model_inputs(cfg: StepConfig, d: dict[str, Array], mean: Array, logstd: Arra
     return {"z0": z0, "noise": noise, "t": d["t"], "context": context}
 
 
-def denoise(model: Any, zt: Array, t: Array, context: Array, cond: Array | None) -> Array:
+def denoise(model: Any, zt: Array, t: Array, context: Array, cond: Array | None,
+            runtime: Runtime = DEFAULT_RUNTIME) -> Array:
     """The prediction for noised clips `zt` (B, F, h, w, c), timesteps and text per clip. A
     UNetMotionModel sees each clip as one video, a UNet2D each frame as an image; with a
     ControlNet (`model.controlnet`, conditions `cond` (B, F, H, W, 3) in [0, 1]) the frames go
-    as images through the sampling core's ControlNet wiring."""
+    as images through the sampling core's ControlNet wiring. `runtime`: the kernel and layout
+    every attention layer uses."""
+    ctrl = plain(runtime)
     if cond is None:
-        return model(zt, t, context)
+        return model(zt, t, context, attn=ctrl)
     f = zt.shape[1]
     fold = lambda x: rearrange(x, "b f ... -> (b f) ...")  # noqa: E731
     eps = predict(model.unet, model.controlnet, fold(zt), jnp.repeat(t, f),
-                  jnp.repeat(context, f, axis=0), fold(cond), 1.0, None, video=False)
+                  jnp.repeat(context, f, axis=0), fold(cond), 1.0, ctrl, video=False)
     return rearrange(eps, "(b f) ... -> b f ...", f=f)
 
 
@@ -99,7 +109,7 @@ def loss_fn(params: nnx.State, frozen: nnx.State, graphdef: Any, inputs: dict[st
     z0, noise, t = inputs["z0"], inputs["noise"], inputs["t"]
     zt = ddim.add_noise(alphas, z0, noise, t)
     pred = denoise(unet, zt.astype(cfg.compute_dtype), t,
-                   inputs["context"].astype(cfg.compute_dtype), inputs.get("cond"))
+                   inputs["context"].astype(cfg.compute_dtype), inputs.get("cond"), cfg.runtime)
     tgt = objective.target(alphas, z0, noise, t, cfg.noise.prediction_type)
     weights = objective.loss_weights(alphas, t, cfg.noise.snr_gamma, cfg.noise.prediction_type)
     return objective.mse(pred, tgt, weights)
@@ -132,7 +142,7 @@ def train_step(state: dict[str, Any], batch: dict[str, Array], frozen: nnx.State
     step = state["step"]
     if encoders is not None:
         encoders = tuple(nnx.merge(g, s) for g, s in zip(encoder_graphs, encoders, strict=True))
-    mean, logstd, context, empty = posterior(batch, encoders)
+    mean, logstd, context, empty = posterior(batch, encoders, cfg.runtime)
     d = draws(cfg, step, mean.shape[0])
     inputs = model_inputs(cfg, d, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(logstd),
                           jax.lax.stop_gradient(context), jax.lax.stop_gradient(empty))
@@ -152,15 +162,34 @@ def train_step(state: dict[str, Any], batch: dict[str, Array], frozen: nnx.State
 
 def make_step(graphdef: Any, tx: optax.GradientTransformation, lr: optax.Schedule,
               alphas: Array, cfg: StepConfig, encoder_graphs: Any = None,
-              state_shardings: Any = None):
-    """`step(state, batch, frozen, encoders) -> (state, metrics)`, jitted, state donated."""
+              state_shardings: Any = None) -> TrainStep:
+    """`step(state, batch, frozen, encoders) -> (state, metrics)`, jitted, state donated; with
+    `state_shardings`, run (and lowered) on their mesh."""
     def fn(state, batch, frozen, encoders):
         return train_step(state, batch, frozen, encoders, graphdef, encoder_graphs, tx, lr,
                           alphas, cfg)
 
-    out = None
+    out = mesh = None
     if state_shardings is not None:
         # The metrics replicated: every host reads them (per-clip `t` would span hosts).
         mesh = jax.tree.leaves(state_shardings)[0].mesh
-        out = (state_shardings, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    return jax.jit(fn, donate_argnums=(0,), out_shardings=out)
+        out = (state_shardings, parallel.replicated(mesh))
+    return TrainStep(jax.jit(fn, donate_argnums=(0,), out_shardings=out), mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """The jitted step bound to its mesh. The run calls it and `fit train` lowers it through the
+    one mesh entry every pipeline stage uses (`parallel.use`): what fit compiles is what the
+    run compiles."""
+
+    jitted: Any
+    mesh: Any = None
+
+    def __call__(self, *args: Any) -> Any:
+        with parallel.use(self.mesh):
+            return self.jitted(*args)
+
+    def lower(self, *args: Any) -> Any:
+        with parallel.use(self.mesh):
+            return self.jitted.lower(*args)
