@@ -5,6 +5,13 @@ bad arguments (one line on stderr).
     freeanimate fit animate|generate [--topology v5e-8] [--frames N] [--size PX] [--config FILE]
         [--tiny] [--hbm-gib G] [--stages a,b] [--motion v1|v2|v3] [--controlnet] [--json]
         [key=value ...]
+    freeanimate fit train [--topology v5e-8] [--frames 16] [--size 256] [--config RUNBOOK]
+        [--remat none,full] [--batch N | --max-batch 64] [--tiny] [--hbm-gib G] [--json]
+        [key=value ...]
+
+`fit train` compiles the trainer's own step (see `freeanimate_jax/fit/train.py`) for each remat
+policy and finds the largest batch per chip that fits by bisection; exit 0 when at least one
+clip per chip fits.
 
 Settings come from the same runbooks and `key=value` overrides as `freeanimate animate` and
 `generate` (`animate.steps=30`, `generate.context_length=16`, `size=[512,384]`, `dtype`),
@@ -17,16 +24,17 @@ model ids do not change the fit, and the motion-module layout of `fit generate` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import typing
 
 from freeanimate_jax import config as cfg
-from freeanimate_jax.config import AnimateJob, ConfigError, GenerateJob
+from freeanimate_jax.config import AnimateJob, ConfigError, GenerateJob, TrainJob
 from freeanimate_jax.fit.core import TOPOLOGIES
 
-PIPELINES = ("animate", "generate")
+PIPELINES = ("animate", "generate", "train")
 
 
 class UsageError(Exception):
@@ -58,6 +66,12 @@ def _parser() -> _Parser:
                    "or v3 (default v3: no mid-block module, 32 positions)")
     p.add_argument("--controlnet", action="store_true",
                    help="generate: with the openpose ControlNet on every frame")
+    p.add_argument("--remat", default=None, help="train: remat policies to compile, "
+                   "comma-separated (default none,full)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="train: compile this batch per chip only (default: search)")
+    p.add_argument("--max-batch", type=int, default=64,
+                   help="train: the largest batch per chip the search tries (default 64)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, as for the run commands")
     return p
@@ -74,16 +88,18 @@ def _stages(text: str | None, known: tuple[str, ...]) -> set[str] | None:
 
 
 def _job(a: argparse.Namespace):
-    schema = AnimateJob if a.pipeline == "animate" else GenerateJob
+    schema = {"animate": AnimateJob, "generate": GenerateJob, "train": TrainJob}[a.pipeline]
     flags: dict[str, typing.Any] = {}
     if a.size is not None:
         flags["size"] = a.size
-    if a.pipeline == "generate" and a.frames is not None:
-        flags["generate"] = {"frames": a.frames}
-    if any(x.startswith("generate.frames=") for x in a.overrides):
-        raise UsageError("give the frame count as --frames, not generate.frames=")
+    frames_key = {"generate": "generate", "train": "data"}.get(a.pipeline)
+    if frames_key and a.frames is not None:
+        flags[frames_key] = {"frames": a.frames}
+    if frames_key and any(x.startswith(f"{frames_key}.frames=") for x in a.overrides):
+        raise UsageError(f"give the frame count as --frames, not {frames_key}.frames=")
+    base = cfg.DEMO_TRAIN_CONFIG if a.pipeline == "train" and a.tiny else None
     try:
-        return cfg.load_job(a.config, a.overrides, schema=schema, flags=flags)
+        return cfg.load_job(a.config, a.overrides, schema=schema, flags=flags, base=base)
     except ConfigError as e:
         raise UsageError(str(e)) from None
 
@@ -98,9 +114,14 @@ def _plan(argv: list[str]):
     if a.topology not in TOPOLOGIES:
         raise UsageError(f"unknown topology {a.topology!r}; expected one of "
                          f"{', '.join(TOPOLOGIES)}")
-    if any(v is not None and v <= 0 for v in (a.frames, a.size, a.hbm_gib)):
-        raise UsageError("--frames, --size and --hbm-gib must be positive")
+    if any(v is not None and v <= 0 for v in (a.frames, a.size, a.hbm_gib, a.batch,
+                                                 a.max_batch)):
+        raise UsageError("--frames, --size, --hbm-gib, --batch and --max-batch must be positive")
+    if a.pipeline != "train" and (a.remat or a.batch):
+        raise UsageError("--remat and --batch are options of fit train")
     job = _job(a)
+    if a.pipeline == "train":
+        return _plan_train(a, job)
     tiny = a.tiny or job.model == cfg.TINY_MODEL
     size_hw = job.size_hw
     # The VAE downsamples 8x and the SD UNet 8x more (the tiny one 2x).
@@ -137,6 +158,36 @@ def _plan(argv: list[str]):
     return (lambda: generate.fit_generate(
         a.topology, settings, size_hw, motion=a.motion, controlnet=controlnet, only=only,
         **common)), None if a.json else generate.format_report
+
+
+def _plan_train(a: argparse.Namespace, job: TrainJob):
+    from freeanimate_jax.fit import train
+    from freeanimate_jax.train.settings import REMAT
+
+    if a.stages or a.motion != "v3" or a.controlnet:
+        raise UsageError("--stages, --motion and --controlnet are not options of fit train "
+                         "(the layout is the runbook's train.motion)")
+    remats = tuple(x.strip() for x in (a.remat or ",".join(train.REMATS)).split(","))
+    if not remats or not set(remats) <= set(REMAT):
+        raise UsageError(f"unknown --remat {a.remat!r}; expected some of {', '.join(REMAT)}")
+    try:
+        data, _, _, loop, _ = job.sections()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if loop.motion == "none" or job.controlnet or job.motion_module:
+        raise UsageError("fit train compiles a new motion module's training (train.motion "
+                         "v1, v2 or v3, no controlnet or motion_module)")
+    tiny = a.tiny or job.model == cfg.TINY_MODEL
+    if tiny and job.model != cfg.TINY_MODEL:
+        job = dataclasses.replace(job, model=cfg.TINY_MODEL)
+    multiple = 8 * (2 if tiny else 8)
+    if job.size_hw[0] % multiple or job.size_hw[1] % multiple:
+        raise UsageError(f"size {job.size} must be a multiple of {multiple}")
+    dtype = "bfloat16" if job.dtype == "auto" else job.dtype
+    return (lambda: train.fit_train(
+        a.topology, job, data.frames, job.size_hw, remats=remats, batch=a.batch,
+        max_batch=a.max_batch, dtype=dtype, hbm_gib=a.hbm_gib, log=_progress)
+            ), None if a.json else train.format_report
 
 
 def _progress(message: str) -> None:  # compiles take minutes: say what is going on

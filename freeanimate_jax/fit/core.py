@@ -55,6 +55,21 @@ class StageFit:
         return self.total + self.resident
 
 
+def compile_into(st: StageFit, lowered) -> None:
+    """Compile `lowered` for its topology and read the compiler's per-chip memory analysis into
+    `st`, or its refusal into `st.error` (over HBM: "does not fit")."""
+    try:
+        mem = lowered.compile().memory_analysis()
+    except Exception as e:  # the compiler's HBM check, or anything else it refuses
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        oom = "RESOURCE_EXHAUSTED" in first_line or "memory" in first_line.lower()
+        st.error = f"{'does not fit' if oom else 'compile error'}: {first_line}"
+    else:
+        st.args, st.temps = mem.argument_size_in_bytes, mem.temp_size_in_bytes
+        st.outputs, st.alias = mem.output_size_in_bytes, mem.alias_size_in_bytes
+        st.code = mem.generated_code_size_in_bytes
+
+
 class Fitter:
     """One pipeline's plan on one topology. `live` holds, by name, every abstract buffer the
     pipeline keeps alive (weights for the whole call, each stage's results until the call
@@ -67,15 +82,17 @@ class Fitter:
     executable in the run: it is not compiled again, and its peak is counted in that row."""
 
     def __init__(self, topology: str, *, hbm_gib: float | None = None,
-                 only: set[str] | None = None, log=lambda msg: None):
+                 only: set[str] | None = None, log=lambda msg: None, training: bool = False):
         from jax.experimental import topologies
 
         from freeanimate_jax import parallel
 
         name, options, family = TOPOLOGIES[topology]
         self.topology, self.libtpu_topology, self.family = topology, name, family
-        self.mesh = parallel.make_mesh(
-            devices=topologies.get_topology_desc(name, "tpu", **options).devices)
+        devices = topologies.get_topology_desc(name, "tpu", **options).devices
+        # The mesh the run makes: frames over every chip for sampling, data for training.
+        self.mesh = parallel.data_mesh(devices) if training else parallel.make_mesh(
+            devices=devices)
         self.hbm = int((hbm_gib if hbm_gib is not None else HBM_GIB[family][1]) * GiB)
         self.only, self.log = only, log
         self.live: dict = {}
@@ -135,16 +152,7 @@ class Fitter:
         self.fits.append(st)
         self._seen[key] = st
         self.log(f"{label}: compiling (lowered in {time.perf_counter() - clock:.0f}s)")
-        try:
-            mem = lowered.compile().memory_analysis()
-        except Exception as e:  # the compiler's HBM check, or anything else it refuses
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            oom = "RESOURCE_EXHAUSTED" in first_line or "memory" in first_line.lower()
-            st.error = f"{'does not fit' if oom else 'compile error'}: {first_line}"
-        else:
-            st.args, st.temps = mem.argument_size_in_bytes, mem.temp_size_in_bytes
-            st.outputs, st.alias = mem.output_size_in_bytes, mem.alias_size_in_bytes
-            st.code = mem.generated_code_size_in_bytes
+        compile_into(st, lowered)
         st.compile_s = time.perf_counter() - clock
         self.log(f"{label}: {st.error or f'{st.peak / GiB:.2f} GiB'} ({st.compile_s:.0f}s)")
 

@@ -1,0 +1,144 @@
+"""`freeanimate fit train`: the trainer's own step compiled ahead of time for a TPU topology
+(the tiny family at 64 px keeps each compile to well under a minute), the largest batch per
+chip found by bisection, and the FLOP count the floor comes from."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from freeanimate_jax.cli.fit import main
+from freeanimate_jax.fit import flops
+from freeanimate_jax.fit.core import GiB
+from freeanimate_jax.fit.train import largest_batch
+
+
+class _Try:
+    def __init__(self, ok: bool):
+        self.ok = ok
+
+
+@pytest.mark.parametrize("limit,fits_up_to", [(64, 5), (64, 1), (64, 0), (8, 8), (8, 64),
+                                              (64, 33), (1, 1)])
+def test_largest_batch_bisects(limit, fits_up_to):
+    calls = []
+
+    def attempt(b):
+        calls.append(b)
+        return _Try(b <= fits_up_to)
+
+    best, tried = largest_batch(attempt, limit)
+    assert best == min(fits_up_to, limit)
+    assert len(calls) == len(set(calls)) == len(tried)  # nothing compiled twice
+    assert max(calls) <= limit
+    assert len(calls) <= 2 * max(1, limit).bit_length() + 1  # logarithmic
+
+
+def test_flop_count_equals_xla_on_matmuls_and_convolutions():
+    """Independent reference: XLA's own cost analysis of the same program on the CPU, for the
+    two kinds of operations the counter reads (dense layers and 3x3 convolutions, forward and
+    backward, inside a scan)."""
+    w = jnp.full((3, 3, 8, 8), 0.01)
+    m = jnp.ones((8, 32))
+
+    def body(h, _):
+        # zero padding as its own op: XLA counts a padded convolution's in-bounds taps only
+        h = jnp.pad(h, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        h = jnp.tanh(jax.lax.conv_general_dilated(
+            h, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        return h, jnp.sum(jnp.tanh(h @ m))
+
+    def scanned(x):
+        return jnp.sum(jax.lax.scan(body, x, None, length=3)[1])
+
+    def unrolled(x):
+        total = 0.0
+        for _ in range(3):
+            x, y = body(x, None)
+            total = total + y
+        return total
+
+    x = jnp.ones((2, 10, 12, 8))
+    conv = 2 * (2 * 10 * 12 * 8) * 8 * 9  # (output elements) x (input channels x taps) x 2
+    conv_grad = 2 * (2 * 12 * 14 * 8) * 8 * 9  # onto the padded input, 12 x 14
+    dense = 2 * (2 * 10 * 12 * 32) * 8
+    # per step: forward conv + dense; backward their input-gradients (w and m are constants)
+    expected = 3 * (conv + conv_grad + 2 * dense)
+    for f in (scanned, unrolled):
+        assert flops.count(jax.jit(jax.grad(f)).trace(x).jaxpr) == expected, f.__name__
+    # XLA's own count, where its convention is the same (no loop, whose body it counts once;
+    # no padded convolution, whose out-of-bounds taps it leaves out), plus its element-wise ops.
+    def forward(x):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "VALID",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.tanh(y) @ m
+
+    ours = flops.count(jax.jit(forward).trace(x).jaxpr)
+    assert ours == 2 * (2 * 8 * 10 * 8) * 8 * 9 + 2 * (2 * 8 * 10 * 32) * 8
+    xla = jax.jit(forward).lower(x).cost_analysis()
+    assert ours <= xla["flops"] <= 1.05 * ours, (xla["flops"], ours)
+
+
+pytest.importorskip("libtpu")
+
+
+@pytest.mark.slow
+def test_fit_train_tiny_finds_the_largest_batch(capsys):
+    """With --hbm-gib set small, batch 1 fits and a larger one does not: the search brackets
+    the limit, and every compiled row's figures add up."""
+    rc = main(["train", "--topology", "v5e-4", "--tiny", "--frames", "8", "--remat", "none",
+               "--max-batch", "3", "--hbm-gib", "0.03", "--json", "data.source=latents"])
+    r = json.loads(capsys.readouterr().out)
+    assert rc == 0 and r["fits"], r["verdict"]
+    rows = r["rows"]
+    assert [x["batch_per_chip"] for x in rows] == sorted({x["batch_per_chip"] for x in rows})
+    best = r["largest_batch_per_chip"]["none"]
+    assert [x["batch_per_chip"] for x in rows] == [1, 2] and best == 1
+    for x in rows:
+        assert x["error"] is None
+        assert x["fits"] == (x["total"] <= 0.03 * GiB) == (x["batch_per_chip"] <= best)
+        # the trainable state and frozen weights do not grow with the batch; the batch does
+        assert x["weights"] == rows[0]["weights"] > 0 and x["optimizer"] == rows[0]["optimizer"]
+    # the clips' latents and embeddings grow with the batch; the empty prompt's embedding not
+    per_clip = rows[1]["batch"] - rows[0]["batch"]
+    assert per_clip > 0
+    for x in rows:
+        assert x["batch"] == rows[0]["batch"] + per_clip * (x["batch_per_chip"] - 1)
+    assert rows[-1]["activations"] > rows[0]["activations"]
+    assert r["flops_per_clip"] > 0
+    assert r["step_floor_s"]["none"] == pytest.approx(r["flops_per_clip"] * best / 197e12)
+
+
+@pytest.mark.slow
+def test_fit_train_with_no_room_is_exit_1(capsys):
+    rc = main(["train", "--topology", "v5e-4", "--tiny", "--frames", "8", "--remat", "none",
+               "--batch", "1", "--hbm-gib", "0.001", "data.source=latents"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "does not fit" in out and "remat none: largest batch 0" in out
+
+
+@pytest.mark.parametrize("argv", [["train", "--remat", "sometimes", "--tiny"],
+                                  ["train", "--tiny", "--batch", "0"],
+                                  ["train", "--tiny", "data.frames=8"],
+                                  ["train", "--tiny", "train.motion=none"],
+                                  ["animate", "--remat", "full", "--tiny"]])
+def test_fit_train_bad_arguments_exit_2(argv, capsys):
+    assert main(argv) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_fit_train_counts_what_the_trainer_trains():
+    """The FLOP count comes from the trainer's step: more frames, more FLOPs, in proportion
+    for everything but the motion modules' frame-quadratic attention."""
+    from freeanimate_jax import config as cfg
+    from freeanimate_jax.fit.train import flops_per_clip
+
+    job = cfg.load_job(None, ["data.source=latents"], base=cfg.DEMO_TRAIN_CONFIG,
+                       schema=cfg.TrainJob)
+    four, eight = (flops_per_clip(job, f, (64, 64), "float32") for f in (4, 8))
+    assert 1.9 < eight / four < 2.2
+    assert np.isfinite(four) and four > 1e8
