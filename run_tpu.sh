@@ -98,7 +98,22 @@ train_args() {  # --out DIR [args...] -> train run [args...] train.output_dir=DI
   }
   out=$2
   shift 2
+  MOUNT=""
+  case "$out" in
+    gs://*)  # a bucket, mounted with gcsfuse on every worker: it outlives a preempted slice
+      bucket=${out#gs://}
+      bucket=${bucket%%/*}
+      MOUNT=$bucket
+      out="../gcs/$bucket${out#gs://$bucket}"
+      out=${out%/}
+      ;;
+  esac
   TRAIN=(train run "$@" "train.output_dir=$out")
+}
+
+mount_bucket() {  # the mount command for $MOUNT under ~/gcs (gcsfuse installed if missing)
+  [ -n "$MOUNT" ] || return 0
+  echo "mkdir -p ~/gcs/$MOUNT && { command -v gcsfuse >/dev/null || { echo 'deb https://packages.cloud.google.com/apt gcsfuse-'\$(lsb_release -c -s)' main' | sudo tee /etc/apt/sources.list.d/gcsfuse.list && curl -s https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add - && sudo apt-get -q update && sudo apt-get -q install -y gcsfuse; }; } && { mountpoint -q ~/gcs/$MOUNT || gcsfuse --implicit-dirs $MOUNT ~/gcs/$MOUNT; } && "
 }
 
 train() {
@@ -106,7 +121,7 @@ train() {
   # (it saved a checkpoint and exited 0, but training is not over).
   args=$(printf '%q ' "${TRAIN[@]}")
   inner="FREEANIMATE_DISTRIBUTED=1 $VENV/bin/freeanimate $args; rc=\$?; if grep -q '^SIGTERM: saved' ~/$LOG; then echo preempted; else echo \$rc; fi > ~/$DONE"
-  ssh_all "cd ~/$REMOTE_DIR && rm -f ~/$DONE && nohup bash -c $(printf '%q' "$inner") > ~/$LOG 2>&1 &"
+  ssh_all "$(mount_bucket)cd ~/$REMOTE_DIR && rm -f ~/$DONE && nohup bash -c $(printf '%q' "$inner") > ~/$LOG 2>&1 &"
 }
 
 state() {  # the slice's state (READY, CREATING, PREEMPTED, ...), MISSING when there is none

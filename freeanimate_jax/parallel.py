@@ -329,15 +329,18 @@ def initialize_distributed() -> None:
 
 
 def _connect_all_devices() -> None:
-    """Open gloo's communicator over every device once, with the processes side by side.
+    """Open gloo's communicators once, with the processes side by side.
 
     gloo sets up a communicator for a set of devices at its first collective and gives every
     process 30 s to arrive there; processes that traced and compiled a stage apart can be
-    further apart than that by the first collective of a run (the gather of the frames), and
-    the run fails. Opened here, right after a barrier of the coordination service (which
-    waits as long as needed, without gloo), the communicator is reused by every later
-    collective over all devices, which is every collective of our meshes."""
+    further apart than that by the first collective of a run (the gather of the frames, the
+    first train step, orbax agreeing on a step), and the run fails. Opened here, right after a
+    barrier of the coordination service (which waits as long as needed, without gloo), they are
+    reused by every later collective: the one over all devices (every collective of our
+    meshes), and those between the processes' devices of the same local index (the host-level
+    gathers and broadcasts of `multihost_utils`, which orbax uses)."""
     from jax._src import distributed
+    from jax.experimental import multihost_utils
 
     distributed.global_state.client.wait_at_barrier("freeanimate_connect", 15 * 60 * 1000)
     mesh = Mesh(np.array(jax.devices()), ("all",))
@@ -345,4 +348,5 @@ def _connect_all_devices() -> None:
     x = jax.make_array_from_callback((n,), NamedSharding(mesh, P("all")),
                                      lambda index: np.ones(n, np.float32)[index])
     total = jax.jit(lambda a: a.sum(), out_shardings=NamedSharding(mesh, P()))(x)
-    assert float(total.addressable_data(0)) == n
+    hosts = multihost_utils.process_allgather(np.ones(1, np.float32), tiled=True)
+    assert float(total.addressable_data(0)) == n and hosts.shape == (jax.process_count(),)

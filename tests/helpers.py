@@ -74,10 +74,10 @@ class FakeAnimate:
         return AnimateResult(frames, frames.copy(), {"denoise": 0.01})
 
 
-def lower_plan(pipeline, plan, specs) -> dict[str, str]:
+def lower_plan(pipeline, plan, specs, only: set[str] | None = None) -> dict[str, str]:
     """Lower every step of a pipeline's plan on its `input_specs` as the run calls it (each
     through `Stage.lower`, buffers placed by the pipeline's `placement`); returns each stage's
-    compiled HLO text."""
+    compiled HLO text (of the stages in `only`, default all: the others are only lowered)."""
     import jax
 
     def place(tree, axis):
@@ -91,6 +91,6 @@ def lower_plan(pipeline, plan, specs) -> dict[str, str]:
         out = lowered.out_info if len(step.outputs) > 1 else (lowered.out_info,)
         for (key, axis), tree in zip(step.outputs, out, strict=True):
             live[key] = place(tree, axis)
-        if step.name not in texts:
+        if step.name not in texts and (only is None or step.name in only):
             texts[step.name] = lowered.compile().as_text()
     return texts

@@ -55,9 +55,16 @@ def test_train_and_babysit_print_their_commands():
     tokens = shlex.split(out.stdout)
     assert "--worker=all" in tokens
     remote = shlex.split(next(t for t in tokens if t.startswith("--command=")).split("=", 1)[1])
-    inner = remote[remote.index("-c") + 1]  # what nohup runs on every worker
+    inner = remote[remote.index("bash") + 2]  # what nohup runs on every worker (bash -c ...)
+    # The bucket is mounted with gcsfuse on every worker first; the run writes to the mount.
+    mount = remote[:remote.index("cd")]
+    assert "gcsfuse" in mount and "~/gcs/bucket" in mount and mount[:3] == ["mkdir", "-p",
+                                                                          "~/gcs/bucket"]
     assert inner.startswith("FREEANIMATE_DISTRIBUTED=1 ~/venv/bin/freeanimate train run "
-                            "--config configs/train_motion_v3.yaml train.output_dir=gs://")
+                            "--config configs/train_motion_v3.yaml "
+                            "train.output_dir=../gcs/bucket/run")
+    local = _dry("train", "--out", "runs/v3", "--demo")
+    assert "gcsfuse" not in local.stdout and "train.output_dir=runs/v3" in local.stdout
     assert "> ~/freeanimate.done" in inner
     out = _dry("babysit", "--out", "gs://bucket/run", "--demo")
     assert out.returncode == 0, out.stderr

@@ -206,6 +206,7 @@ def test_export_loads_in_ours_and_in_diffusers_with_the_trained_values(tmp_path)
     (["train.trainable=no_such_layer"], "matches no parameter"),
     (["model={tmp}/not_a_model"], "expected a diffusers SD 1.x folder"),
     (["optim.lr=fast"], "config key 'optim.lr' = 'fast' has the wrong type"),
+    (["train.output_dir=gs://bucket/run"], "mount a bucket with gcsfuse"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, overrides, expected):
     from freeanimate_jax.cli import main

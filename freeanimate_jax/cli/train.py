@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from freeanimate_jax import config as cfg
@@ -135,10 +134,11 @@ def run(args: argparse.Namespace, job: TrainJob) -> int:
     from freeanimate_jax.models.motion import position_limit
     from freeanimate_jax.train.data import open_data
     from freeanimate_jax.train.loop import Trainer, build_models
+    from freeanimate_jax.train.metrics import run_folder
     from freeanimate_jax.train.validate import validate
 
     data_cfg, _, _, loop, val = job.sections()
-    out = Path(loop.output_dir).expanduser()
+    out = run_folder(loop.output_dir)
     join_hosts()
     mesh = parallel.data_mesh()
     data = open_data(job, mesh.size)

@@ -74,13 +74,13 @@ class Checkpoints:
     """A run's checkpoint folder."""
 
     def __init__(self, directory: str | Path, *, keep: int, asynchronous: bool = True):
-        self.directory = directory
+        self.directory = Path(directory).expanduser().absolute()  # orbax wants absolute paths
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=asynchronous,
             cleanup_tmp_directories=True, create=True)
         # The items a checkpoint may hold, named so their metadata can be read back (`read`).
         handlers_by_item = {k: ocp.StandardCheckpointHandler() for k in ARRAY_ITEMS}
-        self.manager = ocp.CheckpointManager(os.fspath(directory), options=options,
+        self.manager = ocp.CheckpointManager(os.fspath(self.directory), options=options,
                                              item_handlers={**handlers_by_item,
                                                             "record": RecordHandler()})
 

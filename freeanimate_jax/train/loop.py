@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -115,7 +114,7 @@ class Trainer:
                  *, compute_dtype: Any = jnp.float32, log=print):
         self.job, self.models, self.data, self.mesh, self.log = job, models, data, mesh, log
         self.data_cfg, self.noise, self.optim, self.loop, self.val = job.sections()
-        self.out = Path(self.loop.output_dir).expanduser()
+        self.out = metrics.run_folder(self.loop.output_dir)
         self.cached = self.data_cfg.source == "latents"
         self.controlled = models.controlnet is not None
         if self.controlled and (self.cached or "condition" not in data.batch(0)):

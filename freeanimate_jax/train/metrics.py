@@ -25,6 +25,18 @@ def peak_flops(device_kind: str) -> float | None:
     return None
 
 
+def run_folder(output_dir: str) -> Path:
+    """`train.output_dir` as an absolute local folder (orbax refuses relative paths); a URL is
+    refused in one line: a bucket is mounted as a folder (gcsfuse: `run_tpu.sh --out gs://...`
+    mounts it on every worker), since every file of a run is written there atomically."""
+    from freeanimate_jax.config import ConfigError
+
+    if "://" in output_dir:
+        raise ConfigError(f"train.output_dir={output_dir!r}: a URL; expected a folder (mount a "
+                          f"bucket with gcsfuse, as run_tpu.sh --out gs://... does)")
+    return Path(output_dir).expanduser().absolute()
+
+
 def truncate_jsonl(path: Path, before_step: int) -> None:
     """Keep the lines of steps before `before_step` (a resumed run rewrites the rest), as one
     atomic replacement."""

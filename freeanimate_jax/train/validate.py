@@ -5,7 +5,6 @@ dominated by per-frame denoising)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -50,7 +49,7 @@ def sample(trainer: Any, prompt: str, seed: int, *, ema: bool = False,
 def validate(trainer: Any, step: int) -> dict[str, Any] | None:
     """Sample every (prompt, seed), write `val/step_N/` (videos, sheet, scores); the scores
     (None on the processes other than 0 of a multi-host run)."""
-    folder = Path(trainer.loop.output_dir).expanduser() / "val" / f"step_{step:07d}"
+    folder = trainer.out / "val" / f"step_{step:07d}"
     ema = trainer.optim.ema_decay is not None
     model = trainer.merged(ema)  # on every process: a multi-host run gathers its state
     if jax.process_index() != 0:
