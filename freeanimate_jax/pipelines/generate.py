@@ -1,9 +1,9 @@
 """AnimateDiff text-to-video: prompt + a personalised SD 1.5 with motion modules -> video.
 
-One compiled `lax.scan` over DDIM steps with classifier-free guidance, an optional per-frame
-ControlNet (with diffusers' step range), and sliding context windows for videos longer than the
-motion module's position table. Frames shard over the mesh like the animate pipeline's; both
-run through the sampling core (`core.py`).
+One compiled `lax.scan` over the sampler's steps (DDIM, or a `diffusion/samplers.py` kind) with
+classifier-free guidance, an optional per-frame ControlNet (with diffusers' step range), and
+sliding context windows for videos longer than the motion module's position table. Frames shard
+over the mesh like the animate pipeline's; both run through the sampling core (`core.py`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from freeanimate_jax import parallel
-from freeanimate_jax.diffusion import ddim
+from freeanimate_jax.diffusion import ddim, samplers
 from freeanimate_jax.models.attention import AttnControl, Runtime
 from freeanimate_jax.pipelines.common import frame_noise
 from freeanimate_jax.pipelines.context import blend, freenoise_order, make_windows
@@ -53,6 +53,7 @@ class VideoDenoise:
     controlnet: Any  # None: no ControlNet (or no control images)
     runtime: Runtime
     scheduler: ddim.SchedulerConfig
+    sampler: str  # settings.scheduler: ddim, or a `samplers.py` kind
     steps: int
     frames: int
     context_length: int | None
@@ -83,19 +84,40 @@ def video_denoise(p: VideoDenoise, unet_state, cn_state, z: Array, ctx_c: Array,
         per_window = jax.lax.map(one, jnp.asarray(win.index), batch_size=p.window_batch)
         return blend(per_window, win, z.shape[0])
 
-    def body(z, x):
-        t, i, cn_scale = x
+    def guided(z: Array, t: Array, i: Array, cn_scale: Array) -> Array:
         eps = video_eps(z, t, ctx_c, cn_scale)
         if p.cfg:
             eps = guide(eps, video_eps(z, t, ctx_u, cn_scale), call.guidance)
         if p.display:
             report_step("denoise", i)
-        z = denoise_step(tables, eps, t, z, i, eta_noise=p.eta_noise, call=call,
-                         stream="eta/generate", runtime=rt)
-        return z, None
+        return eps
 
-    ts = ddim.timesteps(p.scheduler, p.steps)
-    z0, _ = jax.lax.scan(body, z, (jnp.asarray(ts), jnp.arange(p.steps), call.controlnet))
+    steps = (jnp.arange(p.steps), call.controlnet)
+    if p.sampler == "ddim":
+        def body(z, x):
+            t, i, cn_scale = x
+            eps = guided(z, t, i, cn_scale)
+            return denoise_step(tables, eps, t, z, i, eta_noise=p.eta_noise, call=call,
+                                stream="eta/generate", runtime=rt), None
+
+        ts = jnp.asarray(ddim.timesteps(p.scheduler, p.steps))
+        z0, _ = jax.lax.scan(body, z, (ts, *steps))
+        return z0
+
+    sched = samplers.make_schedule(p.sampler, p.scheduler, p.steps)
+
+    def sampler_body(carry, x):
+        z, x0_prev = carry
+        i, cn_scale = x
+        out = guided(samplers.scale_input(sched, i, z), sched.model_t[i], i, cn_scale)
+        noise = None
+        if p.sampler in samplers.NOISY:  # per frame, from (seed, step): any device count
+            noise = rt.constrain(frame_noise(call.seed, z.shape[0], z.shape[1:], z.dtype,
+                                             "sampler/generate", i),
+                                 ("frames",) + (None,) * (z.ndim - 1))
+        return samplers.step(sched, i, out, z, x0_prev, noise), None
+
+    (z0, _), _ = jax.lax.scan(sampler_body, (z, jnp.zeros_like(z)), steps)
     return z0
 
 
@@ -119,7 +141,7 @@ class Generate(Sampler):
         """The stages of one call; `controlled`: control images go to the ControlNet."""
         cn = self.graph("controlnet") if controlled else None
         program = VideoDenoise(self.graph("unet"), cn, self.runtime, self.models.scheduler,
-                               s.steps, s.frames, s.context_length, s.context_stride,
+                               s.scheduler, s.steps, s.frames, s.context_length, s.context_stride,
                                s.window_batch, s.cfg, s.eta > 0, self.display)
         return [self.text_step(s),
                 Step(self.stage("denoise", video_denoise, program, s.steps),
@@ -157,6 +179,9 @@ class Generate(Sampler):
                 raise ValueError(f"latents of shape {tuple(np.shape(latents))}; expected {want} "
                                  f"(frames, latent height, latent width, channels)")
             z = jnp.asarray(latents, self.dtype)
+        if s.scheduler != "ddim":  # diffusers' prepare_latents: noise x init_noise_sigma
+            sigma = samplers.make_schedule(s.scheduler, self.models.scheduler, s.steps)
+            z = z * jnp.asarray(sigma.init_noise_sigma, z.dtype)
         pose_in = None if poses is None else jnp.asarray(poses, self.dtype) / 255.0
         return {"ids": (ids, None), "noise": (z, 0), "poses": (pose_in, 0),
                 "denoise call": (call_values(s, s.steps), None)}

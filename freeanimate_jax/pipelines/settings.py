@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+from freeanimate_jax.diffusion.scheduler_config import sampler_kind
+
 CACHE_MODES = ("maps", "hidden", "recompute")
 SEED_RANGE = (-(2 ** 31), 2 ** 32)  # what one 32-bit PRNG seed word holds
 
@@ -41,6 +43,9 @@ class SamplingSettings:
     FIRST: ClassVar[tuple[str, ...]] = ("steps",)
 
     steps: int = 25
+    # ddim | euler | euler_ancestral | dpmpp_2m | dpmpp_2m_karras | lcm (or diffusers' class
+    # names), over the model's own noise table (`scheduler_config.json`); eta is DDIM's alone.
+    scheduler: str = "ddim"
     guidance_scale: float = 7.5
     negative_prompt: str = ""
     eta: float = 0.0
@@ -59,6 +64,9 @@ class SamplingSettings:
                              f"controlnet_end={self.controlnet_end}")
         if self.eta < 0:
             raise ValueError(f"eta={self.eta} must be at least 0")
+        object.__setattr__(self, "scheduler", sampler_kind(self.scheduler))
+        if self.scheduler != "ddim" and self.eta > 0:
+            raise ValueError(f"eta={self.eta} is DDIM's; scheduler={self.scheduler} takes none")
         if not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
             raise ValueError(f"seed={self.seed} must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]})")
         if self.vae_chunk < 1:
@@ -114,6 +122,9 @@ class AnimateSettings(SamplingSettings):
         if self.steps < 1 or self.preview_steps < 1:
             raise ValueError("steps and preview_steps must be at least 1")
         super().__post_init__()
+        if self.scheduler != "ddim":
+            raise ValueError(f"scheduler={self.scheduler}: FreeAnimate samples with DDIM, the "
+                             f"scheduler its DDIM inversion is exact for (generate takes any)")
         if self.cache_mode not in CACHE_MODES:
             raise ValueError(f"cache_mode={self.cache_mode!r}; expected one of {CACHE_MODES}")
         for name in ("iba_until", "ra_sa_until"):
