@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from freeanimate_jax import platform as _platform
 from freeanimate_jax.weights.errors import WeightsError
+
+_platform.settle()  # before JAX is imported: no libtpu error block on a host without TPUs
 
 _LAZY = {"load": "freeanimate_jax.weights.loader",
          "load_pipeline": "freeanimate_jax.weights.pipeline"}

@@ -50,7 +50,10 @@ def _byte_chars() -> list[str]:
 @functools.lru_cache(maxsize=1)
 def tiny_tokenizer():
     """A real CLIPTokenizer whose vocabulary is single bytes (no merges): 514 tokens."""
-    from transformers import CLIPTokenizer
+    from freeanimate_jax.platform import no_torch_advice
+
+    with no_torch_advice():
+        from transformers import CLIPTokenizer
 
     chars = _byte_chars()
     vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]

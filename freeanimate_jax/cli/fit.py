@@ -31,6 +31,7 @@ import sys
 import typing
 
 from freeanimate_jax import config as cfg
+from freeanimate_jax import platform
 from freeanimate_jax.config import AnimateJob, ConfigError, GenerateJob, TrainJob
 from freeanimate_jax.fit.core import TOPOLOGIES
 
@@ -203,6 +204,7 @@ def main(argv: list[str]) -> int:
     # An ahead-of-time check: run on the CPU even on a TPU host (a real TPU may be busy), and
     # let libtpu's compile-only client load beside another process already holding libtpu.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    platform.quiet_libtpu()
     if "JAX_PLATFORMS" not in os.environ:
         import jax
 

@@ -18,7 +18,6 @@ import platform
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -194,15 +193,6 @@ def resolve_dtype(name: str) -> Any:
     return jnp.dtype(name)
 
 
-def _quiet_fork(fn: Callable[..., None], *args: Any) -> None:
-    # The MP4 writer starts ffmpeg; JAX warns about any fork once its threads run, but this one
-    # is a fork+exec of an external program, which never touches the parent's locks.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called",
-                                category=RuntimeWarning)
-        fn(*args)
-
-
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -309,7 +299,7 @@ def write_outputs(outputs: Outputs, frames: np.ndarray, sheet: np.ndarray,
         return
     try:
         vio.write_files_atomic([
-            (outputs.video, lambda p: _quiet_fork(vio.write_video, p, frames, fps)),
+            (outputs.video, lambda p: vio.write_video(p, frames, fps)),
             (outputs.sheet, lambda p: vio.write_png_atomic(p, sheet)),
             (outputs.record, lambda p: vio.write_json_atomic(p, record)),
         ])

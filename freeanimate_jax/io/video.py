@@ -4,6 +4,7 @@ reader."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,11 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float) -> None:
     if writer is None:
         raise InputError(f"{path}: unknown video suffix {suffix!r}; expected .mp4, .gif or .npz")
     data = _to_float32(frames) if suffix == ".npz" else to_uint8(frames)
-    with staged(path) as tmp:
+    # The MP4 writer starts ffmpeg; JAX warns about any fork once its threads run, but this one
+    # is a fork+exec of an external program, which never touches the parent's locks.
+    with staged(path) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called",
+                                category=RuntimeWarning)
         writer(tmp, data, float(fps))
 
 

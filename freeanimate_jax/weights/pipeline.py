@@ -92,7 +92,10 @@ def _first_line(e: Exception) -> str:
 
 
 def load_tokenizer(folder: Path):
-    from transformers import CLIPTokenizer
+    from freeanimate_jax.platform import no_torch_advice
+
+    with no_torch_advice():
+        from transformers import CLIPTokenizer
 
     try:
         return CLIPTokenizer.from_pretrained(str(folder))
