@@ -449,13 +449,28 @@ def load_job(config_file: str | None, overrides: Sequence[str] = (), *,
              schema: type[Job] = AnimateJob) -> Any:
     """Defaults < `base` < the YAML file < `flags` < `key=value` overrides -> a validated job of
     type `schema` (AnimateJob or GenerateJob)."""
-    layers = [dict(base or {})]
+    items = [("flag", dict(flags or {})), *(("override", o) for o in overrides)]
+    return load_job_sourced(config_file, items, base=base, schema=schema)[0]
+
+
+def load_job_sourced(config_file: str | None, items: Sequence[tuple[str, Any]], *,
+                     base: Mapping[str, Any] | None = None, schema: type[Job] = AnimateJob,
+                     base_label: str = "demo") -> tuple[Any, dict[str, str]]:
+    """Defaults < `base` < the YAML file < `items` in their order, each ("flag", mapping) or
+    ("override", "key=value"): the later wins. Returns the validated job and where each of its
+    leaf keys came from ("default", `base_label`, "runbook", "flag" or "override")."""
+    labelled = [(base_label, dict(base or {}))]
     if config_file:
-        layers.append(_read_yaml(config_file))
-    layers.append(dict(flags or {}))
-    for layer in layers:
+        labelled.append(("runbook", _read_yaml(config_file)))
+    for _, layer in labelled:
         _check_keys(layer, schema)
-    layers += _parse_overrides(overrides, schema)
+    for label, item in items:
+        if label == "override":
+            labelled += [("override", x) for x in _parse_overrides([item], schema)]
+        else:
+            _check_keys(item, schema)
+            labelled.append((label, dict(item)))
+    layers = [layer for _, layer in labelled]
     structured = OmegaConf.structured(schema)
     OmegaConf.set_readonly(structured, False)  # frozen dataclasses give read-only schemas
     try:
@@ -468,4 +483,16 @@ def load_job(config_file: str | None, overrides: Sequence[str] = (), *,
     if isinstance(job.size, list | tuple):
         job = dataclasses.replace(job, size=list(job.size))
     _validate(job)
-    return job
+    sources = dict.fromkeys(_leaf_keys(job.to_dict()), "default")
+    for label, layer in labelled:
+        for key in _leaf_keys(layer):
+            sources[key] = label
+    return job, sources
+
+
+def _leaf_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key, value in tree.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        out += _leaf_keys(value, full) if isinstance(value, Mapping) else [full]
+    return out

@@ -313,3 +313,79 @@ def test_help(capsys):
     text = capsys.readouterr().out
     assert "--motion-module" in text and "generate.KEY" in text and "scheduler.KEY" in text
 
+
+
+# -- flags users know, against the overrides they stand for -------------------------------------
+def _record_and_frames(capsys, out: Path, *argv) -> tuple[dict, np.ndarray]:
+    rc, _, err = run(capsys, "generate", "--demo", "--prompt", "a cat", "--quiet",
+                     "--out", out, "compilation_cache=", *argv)
+    assert (rc, err) == (0, ""), err
+    return json.loads(out.with_suffix(".json").read_text()), read_video(out)[0]
+
+
+def test_flags_and_overrides_give_the_same_settings_and_frames(out, capsys):
+    by_flags, frames_f = _record_and_frames(
+        capsys, out / "flags.npz", "--steps", 2, "--guidance-scale", 3, "--seed", 5,
+        "--num-frames", 8, "--scheduler", "euler")
+    by_keys, frames_k = _record_and_frames(
+        capsys, out / "keys.npz", "generate.steps=2", "generate.guidance_scale=3",
+        "generate.seed=5", "generate.frames=8", "generate.scheduler=euler")
+    assert by_flags["config"] == by_keys["config"]
+    assert by_flags["config"]["generate"]["steps"] == 2
+    assert by_flags["config"]["generate"]["scheduler"] == "euler"
+    np.testing.assert_array_equal(frames_f, frames_k)
+    assert frames_f.shape == (8, 64, 64, 3)
+    src_f, src_k = by_flags["config_sources"], by_keys["config_sources"]
+    for key in ("generate.steps", "generate.guidance_scale", "generate.seed", "generate.frames",
+                "generate.scheduler"):
+        assert (src_f[key], src_k[key]) == ("flag", "override"), key
+    assert src_f["model"] == "demo" and src_f["generate.eta"] == "default"
+
+
+def test_a_flag_and_an_override_of_one_key_the_later_wins():
+    from freeanimate_jax import config as cfg
+    from freeanimate_jax.config import GenerateJob
+
+    parser = cli.build_parser()
+
+    def load(*argv):
+        args, extra = parser.parse_known_args(["generate", "--out", "x.mp4", *argv])
+        args.argv = ["generate", "--out", "x.mp4", *argv]
+        return cfg.load_job_sourced(None, cli_run.job_items(args, GenerateJob,
+                                                            [*args.overrides, *extra]),
+                                    schema=GenerateJob)
+
+    job, src = load("--steps", "7", "generate.steps=9")
+    assert job.generate.steps == 9 and src["generate.steps"] == "override"
+    job, src = load("generate.steps=9", "--num-inference-steps", "7")
+    assert job.generate.steps == 7 and src["generate.steps"] == "flag"
+    job, _ = load("--width", "96", "--height", "64", "--fps", "12")
+    assert job.size == [64, 96] and job.fps == 12.0
+    job, _ = load("--size", "256", "size=[128,64]")
+    assert job.size == [128, 64]
+    with pytest.raises(cfg.ConfigError, match="--width and --height go together"):
+        load("--width", "96")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["animate", "--help"],
+                                  ["generate", "--stepz", "3", "--out", "x.mp4"]])
+def test_help_and_bad_flags_answer_without_jax(argv):
+    """In a fresh process: `--help` shows the defaults, and neither it nor a bad flag imports
+    JAX."""
+    code = ("import sys\nfrom freeanimate_jax.cli import main\n"
+            "try:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
+            "print('JAX_LOADED' if 'jax' in sys.modules else 'NO_JAX', rc)")
+    start = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                       timeout=120)
+    took = time.perf_counter() - start
+    assert p.stdout.split()[-2:] == ["NO_JAX", "2" if "--stepz" in argv else "0"], p.stderr
+    if argv == ["generate", "--help"]:
+        for default in ("(default: 25)", "(default: 7.5)", "(default: ddim)",
+                        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                        "guoyww/animatediff-motion-adapter-v1-5-2"):
+            # argparse wraps lines, at hyphens too: compare without whitespace
+            assert default.replace(" ", "") in "".join(p.stdout.split()), default
+    if "--stepz" in argv:
+        assert "unrecognized arguments: --stepz" in p.stderr
+    assert took < 20, took  # a loaded 2-core host; about 1 s idle

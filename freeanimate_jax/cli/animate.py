@@ -48,8 +48,10 @@ def add_parser(sub: Any) -> None:
 
 def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     started = time.perf_counter()
-    job = cfg.load_job(args.config, overrides, base=cfg.DEMO_CONFIG if args.demo else None,
-                       flags=run.job_flags(args, AnimateJob))
+    job, sources = cfg.load_job_sourced(args.config, run.job_items(args, AnimateJob, overrides),
+                                        base=cfg.DEMO_CONFIG if args.demo else None,
+                                        schema=AnimateJob)
+    args.sources = sources
     return run.with_outputs(args.out, lambda outputs: run.run_video(
         args, job, outputs, started, lambda progress: _prepare(args, job, progress)))
 

@@ -42,9 +42,10 @@ def add_parser(sub: Any) -> None:
 
 def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     started = time.perf_counter()
-    job = cfg.load_job(args.config, overrides, schema=GenerateJob,
-                       base=cfg.DEMO_GENERATE_CONFIG if args.demo else None,
-                       flags=run.job_flags(args, GenerateJob))
+    job, sources = cfg.load_job_sourced(args.config, run.job_items(args, GenerateJob, overrides),
+                                        base=cfg.DEMO_GENERATE_CONFIG if args.demo else None,
+                                        schema=GenerateJob)
+    args.sources = sources
     return run.with_outputs(args.out, lambda outputs: run.run_video(
         args, job, outputs, started, lambda progress: _prepare(args, job)))
 

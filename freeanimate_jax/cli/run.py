@@ -18,7 +18,7 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -82,17 +82,65 @@ def config_epilog(schema: type[Job]) -> str:
             f"{names(schema.SETTINGS)}; scheduler.KEY for KEY in: {names(cfg.SchedulerOverrides)}")
 
 
+# The sampling flags diffusers and AnimateDiff users know, the same on both commands:
+# (option strings, dest, type, metavar, help, config key; "S." = the command's settings section).
+SAMPLING_FLAGS = (
+    (("--steps", "--num-inference-steps"), "steps", int, "N", "denoising steps", "S.steps"),
+    (("--guidance-scale",), "guidance_scale", float, "G", "classifier-free guidance scale",
+     "S.guidance_scale"),
+    (("--seed",), "seed", int, "N", "random seed (noise, and eta/ancestral noise)", "S.seed"),
+    (("--negative-prompt",), "negative_prompt", str, "TEXT", "negative prompt",
+     "S.negative_prompt"),
+    (("--controlnet-scale",), "controlnet_scale", float, "X",
+     "ControlNet conditioning scale", "S.controlnet_scale"),
+    (("--scheduler",), "scheduler", str, "NAME", "sampler: ddim, euler, euler_ancestral, "
+     "dpmpp_2m, dpmpp_2m_karras, lcm (or diffusers' class name); animate keeps DDIM",
+     "S.scheduler"),
+    (("--size",), "size", int, "PX", "model resolution, square (multiple of 8)", "size"),
+    (("--width",), "width", int, "PX", "model width (with --height)", None),
+    (("--height",), "height", int, "PX", "model height (with --width)", None),
+    (("--fps",), "fps", float, "FPS", "frames per second of the video", "fps"),
+)
+# Options that set top-level config keys of the same name.
+TOP_LEVEL = ("model", "controlnet", "prompt", "frames", "motion_module", "motion_lora",
+             "domain_adapter", "lora", "fps", "size")
+SWITCHES = ("--demo", "--quiet", "-h", "--help")  # options without a value
+
+
+def _default_text(schema: type[Job], key: str | None) -> str:
+    if key is None:
+        return ""
+    if key.startswith("S."):
+        field = next(f for f in dataclasses.fields(schema.SETTINGS) if f.name == key[2:])
+    else:
+        field = next(f for f in dataclasses.fields(schema) if f.name == key)
+    value = field.default
+    return "" if value in ("", None) else f" (default: {value})"
+
+
 def add_job_options(p: argparse.ArgumentParser, schema: type[Job], demo_help: str) -> None:
-    """The options `animate` and `generate` share; each sets a config key (see config_epilog)."""
+    """The options `animate` and `generate` share; each sets a config key (see config_epilog).
+    A flag and a key=value override of the same key: the later on the command line wins."""
+    model_default = next(f.default for f in dataclasses.fields(schema) if f.name == "model")
+    motion_default = next(f.default for f in dataclasses.fields(schema)
+                          if f.name == "motion_module")
     p.add_argument("--prompt", metavar="TEXT", help="text prompt (config key prompt)")
-    p.add_argument("--negative-prompt", metavar="TEXT",
-                   help=f"negative prompt (config key {schema.SECTION}.negative_prompt)")
+    for names, dest, tp, metavar, text, key in SAMPLING_FLAGS:
+        where = "" if key is None else f"; config key {key.replace('S.', schema.SECTION + '.')}"
+        p.add_argument(*names, dest=dest, type=tp, metavar=metavar,
+                       help=f"{text}{_default_text(schema, key)}{where}")
+    frames_key = "generate.frames" if schema.SECTION == "generate" else "frames"
+    frames_default = " (default: 16)" if schema.SECTION == "generate" else " (default: all)"
+    p.add_argument("--num-frames", dest="num_frames", type=int, metavar="N",
+                   help=f"frames of the video{frames_default}; config key {frames_key}")
     p.add_argument("--config", metavar="FILE", help="YAML job file (see configs/)")
     p.add_argument("--demo", action="store_true", help=demo_help)
     p.add_argument("--model", metavar="ID|DIR|FILE", help="diffusers SD 1.5 folder or hub id, "
-                   "or a single-file SD 1.x checkpoint (.safetensors)")
+                   f"or a single-file SD 1.x checkpoint (.safetensors) (default: {model_default})")
+    motion = f" (default: {motion_default})" if motion_default else " (default: none)"
     p.add_argument("--motion-module", metavar="ID|DIR|FILE", help="AnimateDiff motion module: "
-                   "diffusers MotionAdapter folder or hub id, or a released .ckpt/.safetensors")
+                   "diffusers MotionAdapter folder or hub id, or a released .ckpt/.safetensors"
+                   + motion)
     p.add_argument("--motion-lora", metavar="FILE[:SCALE]", action="append",
                    help="motion LoRA merged into the motion module (repeatable)")
     p.add_argument("--domain-adapter", metavar="FILE[:SCALE]",
@@ -108,14 +156,54 @@ def add_job_options(p: argparse.ArgumentParser, schema: type[Job], demo_help: st
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
-def job_flags(args: argparse.Namespace, schema: type[Job]) -> dict[str, Any]:
-    """The typed CLI options as a config layer (kept out of the dotlist: no YAML re-parsing)."""
-    keys = ("model", "controlnet", "prompt", "frames", "motion_module", "motion_lora",
-            "domain_adapter", "lora")
-    flags = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    if args.negative_prompt is not None:
-        flags[schema.SECTION] = {"negative_prompt": args.negative_prompt}
-    return flags
+def _flag_layer(dest: str, value: Any, schema: type[Job]) -> dict[str, Any]:
+    section = schema.SECTION
+    if dest == "num_frames":
+        return {section: {"frames": value}} if section == "generate" else {"frames": value}
+    key = next((k for _, d, _, _, _, k in SAMPLING_FLAGS if d == dest), None)
+    if key is not None and key.startswith("S."):
+        return {section: {key[2:]: value}}
+    return {dest: value}
+
+
+def job_items(args: argparse.Namespace, schema: type[Job], overrides: Sequence[str] = ()
+              ) -> list[tuple[str, Any]]:
+    """The command line's config layers in their order (`args.argv`): ("flag", mapping) for
+    each option that sets a config key, ("override", "key=value") for each of `overrides`; the
+    later wins."""
+    position: dict[str, int] = {}
+    spots: dict[str, list[int]] = {}  # where each key=value token sits
+    argv = list(getattr(args, "argv", None) or [])
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--") and token not in SWITCHES:
+            name, eq, _ = token.partition("=")
+            position[name[2:].replace("-", "_")] = i
+            i += 1 if eq else 2
+            continue
+        spots.setdefault(token, []).append(i)
+        i += 1
+    placed = [(spots[o].pop(0) if spots.get(o) else len(argv) + k, o)
+              for k, o in enumerate(overrides)]
+    if "num_inference_steps" in position:
+        position["steps"] = position.pop("num_inference_steps")
+    width, height = getattr(args, "width", None), getattr(args, "height", None)
+    if (width is None) != (height is None):
+        raise ConfigError("--width and --height go together; expected both (or --size PX)")
+    flags: list[tuple[int, dict[str, Any]]] = []
+    if width is not None:
+        at = max(position.get("width", -1), position.get("height", -1))
+        flags.append((at, {"size": [height, width]}))
+    dests = [d for _, d, _, _, _, k in SAMPLING_FLAGS if k is not None]
+    for dest in dict.fromkeys([*dests, *TOP_LEVEL, "num_frames"]):
+        value = getattr(args, dest, None)
+        if value is not None:
+            flags.append((position.get(dest, -1), _flag_layer(dest, value, schema)))
+    ordered = sorted([(at, ("flag", layer)) for at, layer in flags]
+                     + [(at, ("override", item)) for at, item in placed],
+                     key=lambda x: x[0])
+    return [item for _, item in ordered]
 
 
 # -- outputs ------------------------------------------------------------------------------------
@@ -275,6 +363,8 @@ def run_record(args: argparse.Namespace, job: Job, dtype: Any, mesh: Any, output
 
     return {
         "config": {**job.to_dict(), "dtype_resolved": np.dtype(dtype).name},
+        # Where each config key came from: default, demo, runbook, flag or override.
+        "config_sources": dict(getattr(args, "sources", None) or {}),
         "inputs": {**inputs, "demo": bool(args.demo)},
         "outputs": {"video": outputs.video.name, "sheet": outputs.sheet.name,
                     "json": outputs.record.name, "frames": int(frames.shape[0]),

@@ -43,12 +43,12 @@ class SamplingSettings:
     FIRST: ClassVar[tuple[str, ...]] = ("steps",)
 
     steps: int = 25
-    # ddim | euler | euler_ancestral | dpmpp_2m | dpmpp_2m_karras | lcm (or diffusers' class
-    # names), over the model's own noise table (`scheduler_config.json`); eta is DDIM's alone.
-    scheduler: str = "ddim"
     guidance_scale: float = 7.5
     negative_prompt: str = ""
     eta: float = 0.0
+    # ddim | euler | euler_ancestral | dpmpp_2m | dpmpp_2m_karras | lcm (or diffusers' class
+    # names), over the model's own noise table (`scheduler_config.json`); eta is DDIM's alone.
+    scheduler: str = "ddim"
     seed: int = 0
     controlnet_scale: float = 1.0
     controlnet_start: float = 0.0  # fractions of the denoising steps, from the first
