@@ -301,7 +301,7 @@ def test_animatediff_runbooks_use_the_originals_sampling():
     assert v2.motion_module == "guoyww/animatediff-motion-adapter-v1-5-2"
     assert v3.motion_module == "guoyww/animatediff-motion-adapter-v1-5-3"
     assert v2.domain_adapter == "" and parse_weighted(v3.domain_adapter) == (
-        "v3_sd15_adapter.ckpt", 1.0)
+        "hf://guoyww/animatediff/v3_sd15_adapter.ckpt", 1.0)
     # Otherwise the same job.
     assert dataclasses.replace(v3, motion_module=v2.motion_module, domain_adapter="") == v2
 

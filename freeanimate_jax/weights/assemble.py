@@ -74,6 +74,29 @@ def _load_motion(job: Job, dtype: Any) -> Any:
     return adapter
 
 
+def fetch_hub_files(job: Job) -> Job:
+    """`job` with every `hf://owner/repo/path` file (LoRAs, motion LoRAs, domain adapter, a
+    motion-module or single-file base file) downloaded and replaced by its cached path."""
+    from freeanimate_jax.weights.loader import HUB_FILE, resolve_file
+
+    def local(spec: str, key: str) -> str:
+        path, scale = cfg.parse_weighted(spec)
+        if not path.startswith(HUB_FILE):
+            return spec
+        fetched = str(resolve_file(path, key))
+        return fetched if spec == path else f"{fetched}:{scale}"
+
+    return dataclasses.replace(
+        job, lora=[local(s, "lora") for s in job.lora],
+        motion_lora=[local(s, "motion_lora") for s in job.motion_lora],
+        domain_adapter=local(job.domain_adapter, "domain_adapter") if job.domain_adapter
+        else "",
+        motion_module=str(resolve_file(job.motion_module, "motion_module"))
+        if job.motion_module.startswith(HUB_FILE) else job.motion_module,
+        model=str(resolve_file(job.model, "model")) if job.model.startswith(HUB_FILE)
+        else job.model)
+
+
 def load_models(job: Job, dtype: Any) -> Any:
     """The job's models: the SD family (+ ControlNet) with its LoRAs and domain adapter merged,
     and with a motion module the UNet made a UNetMotionModel (motion LoRAs merged first)."""
@@ -81,6 +104,7 @@ def load_models(job: Job, dtype: Any) -> Any:
     from freeanimate_jax.weights import lora
     from freeanimate_jax.weights.motion import merge_lora
 
+    job = fetch_hub_files(job)
     # Local files and the motion module first: a wrong one fails before SD's download.
     local = [("lora", s) for s in job.lora] + [("motion_lora", s) for s in job.motion_lora]
     if job.domain_adapter:
@@ -88,7 +112,7 @@ def load_models(job: Job, dtype: Any) -> Any:
     for key, spec in local:
         if not Path(path := cfg.parse_weighted(spec)[0]).expanduser().exists():
             raise WeightsError(f"{key}: {path}: no such file; expected a local LoRA file "
-                               f"(download it first)")
+                               f"or a hub file hf://owner/repo/path/in/repo.ext")
     adapter = _load_motion(job, dtype) if job.motion_module else None
     with weights_errors("a diffusers SD 1.x folder or hub id, or a single-file SD 1.x "
                         "checkpoint (and a ControlNet folder or hub id)"):

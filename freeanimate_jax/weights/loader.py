@@ -40,6 +40,31 @@ _HUB_IGNORE = ["*.fp16.*", "*non_ema*", "*.bin", "*.ckpt", "*.msgpack", "*.onnx"
                "*.ot"]
 
 
+HUB_FILE = "hf://"  # hf://owner/repo/path/in/repo.ext: one file of a hub repository
+
+
+def resolve_file(spec: str | Path, key: str = "file") -> Path:
+    """`hf://owner/repo/path/in/repo.ext` downloaded with huggingface_hub into its cache (the
+    cached copy offline); anything else is a local path, returned as given (expanded)."""
+    text = str(spec)
+    if not text.startswith(HUB_FILE):
+        return Path(text).expanduser()
+    parts = text[len(HUB_FILE):].split("/")
+    if len(parts) < 3 or not all(parts):
+        raise WeightsError(f"{key}: {text}: expected hf://owner/repo/path/in/repo.ext")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except Exception as e:  # offline, unknown repo or file, gated: one readable line
+        first = (str(e).splitlines() or [""])[0]
+        raise WeightsError(
+            f"{key}: could not download {filename} from the hub repo {repo} "
+            f"({type(e).__name__}: {first}); expected network access, or fetch it first "
+            f"(hf download {repo} {filename} --local-dir .) and give the local path") from None
+
+
 def resolve_folder(path_or_hub_id: str | Path, subfolder: str | None = None, *,
                    allow_patterns: Sequence[str] | None = None) -> Path:
     """A local folder as is; an `owner/name` hub id through huggingface_hub (needed files only:
