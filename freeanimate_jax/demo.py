@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from freeanimate_jax.diffusion.ddim import SchedulerConfig
 from freeanimate_jax.models import known_configs
+from freeanimate_jax.models.layers import host_init
 from freeanimate_jax.weights.loader import build
 from freeanimate_jax.weights.pipeline import SDPipelineModels
 
@@ -72,13 +73,16 @@ TINY_MOTION = dict(_class_name="MotionAdapter", block_out_channels=[32, 64],
 
 def tiny_motion_adapter(seed: int = 10, dtype=jnp.float32):
     """A tiny v2-layout motion adapter (32 positions, mid-block module) fitting `tiny_models`."""
-    return build(TINY_MOTION, param_dtype=dtype, seed=seed)
+    with host_init(seed):
+        return build(TINY_MOTION, param_dtype=dtype, seed=seed)
 
 
 def tiny_models(seed: int = 0, dtype=jnp.float32) -> SDPipelineModels:
     """The tiny family with weights drawn from `seed`; identical on every machine."""
-    made = {name: build(cfg, param_dtype=dtype, seed=seed + i)
-            for i, (name, cfg) in enumerate(TINY_CONFIGS.items())}
+    made = {}
+    for i, (name, cfg) in enumerate(TINY_CONFIGS.items()):
+        with host_init(seed + i):  # seconds, not a minute of per-shape compiles
+            made[name] = build(cfg, param_dtype=dtype, seed=seed + i)
     return SDPipelineModels(unet=made["unet"], vae=made["vae"],
                             text_encoder=made["text_encoder"], tokenizer=tiny_tokenizer(),
                             scheduler=SchedulerConfig.from_dict(known_configs.SD15_SCHEDULER),
