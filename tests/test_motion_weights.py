@@ -344,3 +344,7 @@ def test_a_pickle_with_code_is_refused_and_never_runs(tmp_path):
         freeanimate_jax.load(tmp_path / "evil.ckpt")
     one_line(e)
     assert not marker.exists()
+    # What was refused, and what to do instead; never torch's advice to run the file's code.
+    text = str(e.value)
+    assert "GLOBAL exec" in text and "convert the file to safetensors" in text, text
+    assert "weights_only` set to `False" not in text and "False" not in text

@@ -114,6 +114,20 @@ def read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
     return state
 
 
+def _pickle_reason(e: Exception) -> str:
+    """Why torch refused the pickle, without torch's advice to retry with weights_only=False
+    (it would run the file's code): convert the file to safetensors where it is trusted."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        # The reason is the line naming the blocked global (torch's wording varies by case).
+        why = next((x.removeprefix("WeightsUnpickler error: ").split(". ")[0] for x in lines
+                    if "GLOBAL" in x or "WeightsUnpickler" in x),
+                   "it holds objects other than tensors")
+        return (f"{why.rstrip('.')}; expected plain tensors: convert the file to safetensors "
+                f"where you trust it, and load that")
+    return lines[0] if lines else type(e).__name__
+
+
 def read_torch_pickle(file: Path, *, as_numpy: bool = True) -> dict:
     """The tensors of a pickled state dict, through `torch.load(weights_only=True)`: a pickle
     that would run code is refused. Released checkpoints (Lightning, AnimateDiff) nest their
@@ -124,7 +138,7 @@ def read_torch_pickle(file: Path, *, as_numpy: bool = True) -> dict:
         obj = torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as e:
         raise WeightsError(f"{file}: refused or unreadable pickle (only plain tensors load: "
-                           f"torch.load(weights_only=True)): {str(e).splitlines()[0]}") from e
+                           f"torch.load(weights_only=True)): {_pickle_reason(e)}") from None
     while isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
