@@ -45,6 +45,7 @@ __all__ = ["Generate", "GenerateResult", "GenerateSettings"]
 class GenerateResult:
     frames: np.ndarray  # (F, H, W, 3) float in [0, 1]
     timings: dict[str, float]
+    latents: np.ndarray | None = None  # the final latents (F, H/8, W/8, C), before decoding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,5 +213,6 @@ class Generate(Sampler):
         buffers = {**self.weights(), **{k: self.place(v, axis) for k, (v, axis) in host.items()}}
         execute(self.plan(s, controlled), buffers, self.progress, timings)
         timings["total"] = sum(timings.values())
-        return GenerateResult(self.to_host(buffers["frames"]), timings)
+        return GenerateResult(self.to_host(buffers["frames"]), timings,
+                              self.to_host(buffers["z0"]))
 

@@ -1,0 +1,111 @@
+"""The diffusers-shaped pipeline objects: `AnimateDiffPipeline` equals diffusers'
+AnimateDiffPipeline on the same tiny weights (saved with diffusers' `save_pretrained`, loaded
+by `from_pretrained`), with the same latents, DDIM; both objects give the frames of the classes
+they wrap; a scheduler swaps in as in diffusers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import freeanimate_jax as fa
+from freeanimate_jax.demo import TINY_SIZE
+from freeanimate_jax.pose import demo_keypoints, demo_reference, render_sequence
+from tests import tiny
+from tests.helpers import assert_parity
+
+FRAMES = 8
+
+
+@pytest.fixture(scope="module")
+def diffusers_folders(tmp_path_factory):
+    import diffusers
+    import transformers
+
+    from tests.test_loader import SD15_SCHEDULER, VAE, _tokenizer
+
+    tmp = tmp_path_factory.mktemp("animatediff")
+    torch.manual_seed(0)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=1000, max_position_embeddings=77, bos_token_id=21, eos_token_id=22,
+        pad_token_id=22)).eval()
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=tiny.randomize(diffusers.AutoencoderKL(**VAE), 3),
+        text_encoder=text_encoder, tokenizer=_tokenizer(tmp),
+        unet=tiny.randomize(diffusers.UNet2DConditionModel(**tiny.SD1_UNET), 4),
+        scheduler=diffusers.DDIMScheduler(**{**SD15_SCHEDULER, "clip_sample": False}),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp / "sd")
+    adapter = tiny.randomize(diffusers.MotionAdapter(
+        block_out_channels=(32, 64), motion_layers_per_block=2, motion_num_attention_heads=2,
+        motion_norm_num_groups=8, motion_max_seq_length=32, use_motion_mid_block=True), 5,
+        std=0.05)
+    adapter.save_pretrained(tmp / "adapter")
+    return tmp / "sd", tmp / "adapter"
+
+
+def test_animatediff_pipeline_equals_diffusers(diffusers_folders):
+    import diffusers
+
+    sd, adapter = diffusers_folders
+    ours = fa.AnimateDiffPipeline.from_pretrained(str(sd), motion_adapter=str(adapter))
+    ref = diffusers.AnimateDiffPipeline.from_pretrained(
+        sd, motion_adapter=diffusers.MotionAdapter.from_pretrained(adapter))
+    ref.set_progress_bar_config(disable=True)
+    size = 32  # the tiny VAE halves: 16x16 latents
+    latents = np.random.default_rng(0).standard_normal((1, 4, FRAMES, 16, 16)).astype(np.float32)
+    kw = dict(num_frames=FRAMES, height=size, width=size, num_inference_steps=3,
+              guidance_scale=6.0, output_type="np")
+    with torch.no_grad():
+        want = ref("lower newer", latents=torch.from_numpy(latents), **kw).frames[0]
+    got = ours("lower newer", latents=latents, **kw).frames[0]
+    assert got.shape == want.shape == (FRAMES, size, size, 3)
+    assert_parity(got, want, "AnimateDiffPipeline frames")
+    assert np.abs(want - want.mean(0)).max() > 1e-3  # frames differ: the motion module acts
+
+
+@pytest.fixture(scope="module")
+def demo_pipe():
+    return fa.AnimateDiffPipeline.from_pretrained("builtin:tiny", motion_adapter="builtin:tiny")
+
+
+def test_animatediff_pipeline_gives_generates_frames_and_swaps_schedulers(demo_pipe):
+    size = (TINY_SIZE, TINY_SIZE)
+    settings = fa.GenerateSettings(frames=FRAMES, steps=2, guidance_scale=5.0, seed=3)
+    direct = fa.Generate(demo_pipe.models, settings)("a cat", size).frames
+    out = demo_pipe("a cat", num_frames=FRAMES, height=TINY_SIZE, width=TINY_SIZE,
+                    num_inference_steps=2, guidance_scale=5.0, generator=3)
+    np.testing.assert_array_equal(out.frames[0], direct)
+    # diffusers' way of choosing a sampler, and its Karras switch.
+    demo_pipe.scheduler = fa.DPMSolverMultistepScheduler.from_config(
+        demo_pipe.scheduler.config, use_karras_sigmas=True)
+    out = demo_pipe("a cat", num_frames=FRAMES, height=TINY_SIZE, width=TINY_SIZE,
+                    num_inference_steps=2, guidance_scale=5.0, seed=3, output_type="pil",
+                    num_videos_per_prompt=2, return_latents=True)
+    kdpm = fa.Generate(demo_pipe.models, settings)("a cat", size,
+                                                   scheduler="dpmpp_2m_karras").frames
+    assert len(out.frames) == 2 and len(out.frames[0]) == FRAMES
+    first = np.stack([np.asarray(im, np.float32) / 255 for im in out.frames[0]])
+    np.testing.assert_allclose(first, kdpm, atol=0.5 / 255 + 1e-6)
+    assert out.latents[0].shape == (FRAMES, 4, TINY_SIZE // 8, TINY_SIZE // 8)
+    assert np.abs(out.latents[0] - out.latents[1]).max() > 1e-3  # seeds 3 and 4
+    demo_pipe.scheduler = fa.DDIMScheduler.from_config(demo_pipe.scheduler.config)
+    with pytest.raises(ValueError, match="output_type='mp4'"):
+        demo_pipe("a cat", output_type="mp4")
+
+
+def test_freeanimate_pipeline_gives_freeanimates_frames():
+    pipe = fa.FreeAnimatePipeline.from_pretrained("builtin:tiny", controlnet="builtin:tiny")
+    size = (TINY_SIZE, TINY_SIZE)
+    ref = demo_reference(size)
+    poses = render_sequence(demo_keypoints(FRAMES, size), size)
+    settings = fa.AnimateSettings(steps=2, preview_steps=2, guidance_scale=4.0, seed=1)
+    direct = fa.FreeAnimate(pipe.models, settings)(ref, poses, "a person").frames
+    out = pipe(ref, poses, "a person", num_inference_steps=2, preview_steps=2,
+               guidance_scale=4.0, generator=1)
+    np.testing.assert_array_equal(out.frames[0], direct)
+    pipe.scheduler = fa.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match="FreeAnimate samples with DDIM"):
+        pipe(ref, poses, "a person", num_inference_steps=2, preview_steps=2)
