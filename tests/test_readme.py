@@ -13,8 +13,14 @@ def _python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
+def test_readme_pipeline_example_runs_as_written(capsys):
+    block, _ = _python_blocks()
+    exec(compile(block, str(README), "exec"), {})
+    assert capsys.readouterr().out.strip() == "(8, 64, 64, 3) (8, 64, 64, 3)"
+
+
 def test_readme_python_example_runs_as_written(tmp_path, monkeypatch, capsys):
-    (block,) = _python_blocks()
+    _, block = _python_blocks()
     folder = tmp_path / "stable-diffusion-v1-5" / "stable-diffusion-v1-5" / "unet"
     tiny.save_unet(folder, **dict(tiny.SD1_UNET, cross_attention_dim=768))
     monkeypatch.chdir(tmp_path)
