@@ -5,6 +5,7 @@
     freeanimate generate --prompt TEXT --out OUT.mp4 [options] [key=value ...]
     freeanimate fit animate|generate --topology v5e-8 [options] [key=value ...]
     freeanimate train prepare-data|cache|run|export [options] [key=value ...]
+    freeanimate poses VIDEO_OR_IMAGES --out DIR [options]
 
 One module per command (`animate`, `generate`, `fit`, `train`); what the video commands
 share, the run skeleton included, is `run`. Model assembly is the library's (`weights/assemble.py`).
@@ -28,13 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="FreeAnimate: animate a reference image with a pose sequence "
         "(Stable Diffusion 1.5 + openpose ControlNet, training-free); AnimateDiff text-to-video.")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{animate,generate,fit,train}")
+                                metavar="{animate,generate,fit,train,poses}")
     animate.add_parser(sub)
     generate.add_parser(sub)
     sub.add_parser("fit", help="does a job fit a TPU slice? (run `freeanimate fit -h`)",
                    add_help=False)
     sub.add_parser("train", help="train motion modules on video (run `freeanimate train -h`)",
                    add_help=False)
+    sub.add_parser("poses", help="poses from a driving video or images (run `freeanimate "
+                   "poses -h`)", add_help=False)
     return parser
 
 
@@ -44,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "fit":  # everything after `fit` belongs to the fit command
         fit = importlib.import_module("freeanimate_jax.cli.fit")
         return int(fit.main(argv[1:]) or 0)
+    if argv and argv[0] == "poses":
+        poses = importlib.import_module("freeanimate_jax.cli.poses")
+        return int(poses.main(argv[1:]) or 0)
     if argv and argv[0] == "train":
         train = importlib.import_module("freeanimate_jax.cli.train")
         return int(train.main(argv[1:]) or 0)
