@@ -153,3 +153,20 @@ def test_smoothing_averages_seen_points_and_keeps_missing_ones():
     out = smooth(track, 3)
     np.testing.assert_allclose(out[1:4, 0, 0], [10 / 3, 20 / 3, 10 / 3])
     assert out[2, 5, 2] == 0.0 and out[2, 5, 0] == 0.0
+
+
+def test_detected_pose_frames_are_letterboxed_skeletons(tmp_path):
+    """`animate --poses VIDEO --detect`'s path: detect, retarget to the reference, render at
+    the video's size, letterbox to the model size."""
+    from freeanimate_jax.pose.detect import detected_pose_frames
+
+    model = tmp_path / "pose.onnx"
+    _pose_onnx(model)
+    frames = np.random.default_rng(1).integers(0, 255, (3, 96, 64, 3), dtype=np.uint8)
+    write_video(tmp_path / "drive.mp4", frames, 8.0)
+    reference = np.full((96, 64, 3), 128, np.uint8)
+    out = detected_pose_frames(str(tmp_path / "drive.mp4"), (128, 128), reference=reference,
+                               pose_model=str(model), det_model=None, pose_input=(IN_W, IN_H))
+    assert out.shape == (3, 128, 128, 3) and out.dtype == np.uint8
+    assert (out[:, :, :16] == 0).all() and (out[:, :, -16:] == 0).all()  # side bars: 96x64 in 128
+    assert (out.reshape(3, -1).max(1) > 100).all()  # limbs drawn in every frame

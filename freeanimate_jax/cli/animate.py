@@ -40,6 +40,9 @@ def add_parser(sub: Any) -> None:
     a.add_argument("--reference", metavar="IMG", help="the person to animate (any image)")
     a.add_argument("--poses", metavar="PATH", help="OpenPose JSON file/folder, skeleton "
                    "image(s) or skeleton video")
+    a.add_argument("--detect", action="store_true", help="--poses is a real (driving) video: "
+                   "detect its poses with DWPose and retarget them to the reference (see "
+                   "`freeanimate poses` for the options)")
     a.add_argument("--controlnet", metavar="ID|DIR", help="openpose ControlNet folder or hub id")
     a.add_argument("--frames", type=int, metavar="N", help="use only the first N poses")
     run.add_job_options(a, AnimateJob, "built-in tiny models and demo inputs: no download, no "
@@ -65,7 +68,12 @@ def _load_inputs(args: argparse.Namespace, job: AnimateJob, say: Callable[[str],
         reference = load_image(args.reference)
     else:
         reference = demo_reference(size_hw)
-    if args.poses is not None:
+    if args.poses is not None and args.detect:
+        from freeanimate_jax.pose.detect import detected_pose_frames
+
+        say(f"detecting poses in {args.poses} (DWPose), retargeted to the reference")
+        poses = detected_pose_frames(args.poses, size_hw, reference=reference)
+    elif args.poses is not None:
         poses = load_poses(args.poses, size_hw)
     else:
         poses = render_sequence(demo_keypoints(DEMO_FRAMES, size_hw), size_hw)

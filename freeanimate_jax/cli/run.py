@@ -104,7 +104,7 @@ SAMPLING_FLAGS = (
 # Options that set top-level config keys of the same name.
 TOP_LEVEL = ("model", "controlnet", "prompt", "frames", "motion_module", "motion_lora",
              "domain_adapter", "lora", "fps", "size")
-SWITCHES = ("--demo", "--quiet", "-h", "--help")  # options without a value
+SWITCHES = ("--demo", "--quiet", "--detect", "-h", "--help")  # options without a value
 
 
 def _default_text(schema: type[Job], key: str | None) -> str:

@@ -153,3 +153,27 @@ def to_openpose_json(pose: np.ndarray, canvas_hw: tuple[int, int]) -> dict:
     """One frame in OpenPose's JSON layout (what `--poses` and `read_keypoints` read)."""
     return {"version": 1.3, "canvas_height": int(canvas_hw[0]), "canvas_width": int(canvas_hw[1]),
             "people": [{"pose_keypoints_2d": [round(float(v), 3) for v in pose.reshape(-1)]}]}
+
+
+def detected_pose_frames(source: str, size_hw: tuple[int, int], *,
+                         reference: np.ndarray | None = None, smooth_window: int = 1,
+                         pose_model: str = DWPOSE_MODEL, det_model: str | None = YOLOX_MODEL,
+                         pose_input: tuple[int, int] = DWPOSE_INPUT) -> np.ndarray:
+    """`--poses VIDEO --detect`: the driving video's detected poses, retargeted to `reference`
+    when given, rendered at the video's size and letterboxed to `size_hw` (as a skeleton
+    video is), (F, H, W, 3) uint8."""
+    from pathlib import Path
+
+    from freeanimate_jax.io.images import letterbox
+    from freeanimate_jax.io.video import read_video
+    from freeanimate_jax.pose.render import render_sequence
+
+    if not Path(source).is_file():
+        raise PoseError(f"{source}: no such file; --detect expects a driving video")
+    frames = read_video(source)[0]
+    det = Detector(pose_model, det_model, pose_input)
+    track = smooth(det.video(frames), smooth_window)
+    if reference is not None:
+        track = retarget(track, det(reference))
+    drawn = render_sequence(track, frames.shape[1:3])
+    return np.stack([letterbox(f, size_hw, kind="pose")[0] for f in drawn])
