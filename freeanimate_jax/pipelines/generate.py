@@ -197,11 +197,15 @@ class Generate(Sampler):
         return {k: (abstract(v), axis) for k, (v, axis) in {**weights, **host}.items()}
 
     def __call__(self, prompt: str, size_hw: tuple[int, int], poses: np.ndarray | None = None,
-                 *, latents: Array | np.ndarray | None = None, **settings: Any
+                 *, latents: Array | np.ndarray | None = None,
+                 prompt_embeds: Array | np.ndarray | None = None,
+                 negative_prompt_embeds: Array | np.ndarray | None = None, **settings: Any
                  ) -> GenerateResult:
         """`poses` (F, H, W, 3) uint8 at `size_hw` when a ControlNet is loaded; `latents`: the
-        starting noise (F, H/8, W/8, 4), default `initial_latents`; `settings`: any
-        `GenerateSettings` field, for this call only."""
+        starting noise (F, H/8, W/8, 4), default `initial_latents`; `prompt_embeds` /
+        `negative_prompt_embeds`: (1, 77, D) text embeddings used instead of encoding `prompt`
+        / `negative_prompt` (as diffusers'); `settings`: any `GenerateSettings` field, for this
+        call only."""
         s = self.settings.with_call(**settings)
         parallel.check_frames(s.frames, self.mesh, "generate")
         if poses is not None and len(poses) != s.frames:
@@ -211,7 +215,16 @@ class Generate(Sampler):
         host = self.host_inputs(self.token_ids(prompt, s.negative_prompt), size_hw, s,
                                 poses if controlled else None, latents)
         buffers = {**self.weights(), **{k: self.place(v, axis) for k, (v, axis) in host.items()}}
-        execute(self.plan(s, controlled), buffers, self.progress, timings)
+        plan = self.plan(s, controlled)
+        execute(plan[:1], buffers, self.progress, timings)  # the text encoder
+        for name, arg, given in (("ctx_c", "prompt_embeds", prompt_embeds),
+                                 ("ctx_u", "negative_prompt_embeds", negative_prompt_embeds)):
+            if given is not None:
+                want = tuple(buffers[name].shape)
+                if tuple(np.shape(given)) != want:
+                    raise ValueError(f"{arg} of shape {tuple(np.shape(given))}; expected {want}")
+                buffers[name] = self.place(jnp.asarray(given, buffers[name].dtype), None)
+        execute(plan[1:], buffers, self.progress, timings)
         timings["total"] = sum(timings.values())
         return GenerateResult(self.to_host(buffers["frames"]), timings,
                               self.to_host(buffers["z0"]))

@@ -139,6 +139,7 @@ class AnimateDiffPipeline(_Pipeline):
                  conditioning_frames: np.ndarray | None = None,
                  controlnet_conditioning_scale: float = 1.0, num_videos_per_prompt: int = 1,
                  output_type: str = "np", decode_chunk_size: int | None = None,
+                 prompt_embeds: Any = None, negative_prompt_embeds: Any = None,
                  return_latents: bool = False, seed: int | None = None, **settings: Any
                  ) -> PipelineOutput:
         """diffusers' AnimateDiffPipeline call: one video per `num_videos_per_prompt` (seeds
@@ -157,7 +158,9 @@ class AnimateDiffPipeline(_Pipeline):
         videos, finals = [], []
         for i in range(num_videos_per_prompt):
             z = None if latents is None else _to_ours(latents, num_frames)
-            result = pipe(prompt, size, conditioning_frames, latents=z, seed=base + i, **call)
+            result = pipe(prompt, size, conditioning_frames, latents=z, seed=base + i,
+                          prompt_embeds=prompt_embeds,
+                          negative_prompt_embeds=negative_prompt_embeds, **call)
             videos.append(_video_out(result.frames, result.latents, output_type))
             finals.append(np.transpose(result.latents, (0, 3, 1, 2)))
         return PipelineOutput(videos, finals if return_latents else None)
