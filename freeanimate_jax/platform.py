@@ -43,7 +43,17 @@ def settle() -> str | None:
     if rocm:  # leave AMD GPUs to JAX's own discovery
         return None
     os.environ["JAX_PLATFORMS"] = "cuda,cpu" if _cuda_present() else "cpu"
+    global CHOSEN
+    CHOSEN = True
     return os.environ["JAX_PLATFORMS"]
+
+
+CHOSEN = False  # whether `settle` set JAX_PLATFORMS (rather than the user)
+
+
+def user_chose() -> bool:
+    """Whether JAX_PLATFORMS is the user's own setting."""
+    return "JAX_PLATFORMS" in os.environ and not CHOSEN
 
 
 def quiet_libtpu() -> None:

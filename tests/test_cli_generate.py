@@ -359,12 +359,18 @@ def test_a_flag_and_an_override_of_one_key_the_later_wins():
     assert job.generate.steps == 9 and src["generate.steps"] == "override"
     job, src = load("generate.steps=9", "--num-inference-steps", "7")
     assert job.generate.steps == 7 and src["generate.steps"] == "flag"
+    job, _ = load("--num-inference-steps", "20", "generate.steps=5", "--steps", "10")
+    assert job.generate.steps == 10  # two spellings of one flag: the later one counts
     job, _ = load("--width", "96", "--height", "64", "--fps", "12")
     assert job.size == [64, 96] and job.fps == 12.0
     job, _ = load("--size", "256", "size=[128,64]")
     assert job.size == [128, 64]
     with pytest.raises(cfg.ConfigError, match="--width and --height go together"):
         load("--width", "96")
+    # No abbreviations: `--guid` is not --guidance-scale (its place could not be told).
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", "--guid", "9", "--out", "x.mp4"])
+    assert e.value.code == 2
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["animate", "--help"],

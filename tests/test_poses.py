@@ -88,11 +88,20 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, capsys):
     rc = cli.main(["poses", str(tmp_path / "nope.mp4"), "--out", str(tmp_path / "p")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "nope.mp4: no such file or folder" in err and "\n" not in err
-    (tmp_path / "img.png").write_bytes(b"")
-    rc = cli.main(["poses", str(tmp_path), "--out", str(tmp_path / "p"), "--pose-model",
+    from PIL import Image
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(frames / "f0.png")
+    rc = cli.main(["poses", str(frames), "--out", str(tmp_path / "p"), "--pose-model",
                    str(tmp_path / "missing.onnx"), "--det-model", "none"])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and "\n" not in err, err
+    assert rc == 2 and "\n" not in err and "pose model" in err and "no such file" in err, err
+    (tmp_path / "page.onnx").write_text("<html>not a model</html>")
+    rc = cli.main(["poses", str(frames), "--out", str(tmp_path / "p"), "--pose-model",
+                   str(tmp_path / "page.onnx"), "--det-model", "none"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "could not be loaded" in err, err
     assert not (tmp_path / "p").exists()
 
 
@@ -164,9 +173,12 @@ def test_detected_pose_frames_are_letterboxed_skeletons(tmp_path):
     _pose_onnx(model)
     frames = np.random.default_rng(1).integers(0, 255, (3, 96, 64, 3), dtype=np.uint8)
     write_video(tmp_path / "drive.mp4", frames, 8.0)
-    reference = np.full((96, 64, 3), 128, np.uint8)
+    reference = np.full((128, 64, 3), 128, np.uint8)  # taller than the video: its canvas
     out = detected_pose_frames(str(tmp_path / "drive.mp4"), (128, 128), reference=reference,
                                pose_model=str(model), det_model=None, pose_input=(IN_W, IN_H))
     assert out.shape == (3, 128, 128, 3) and out.dtype == np.uint8
-    assert (out[:, :, :16] == 0).all() and (out[:, :, -16:] == 0).all()  # side bars: 96x64 in 128
+    # Drawn on the reference's 128x64 canvas (the retargeted poses are in its pixels), then
+    # letterboxed into 128x128: 32-pixel side bars (the video's 96x64 would leave 21).
+    assert (out[:, :, :32] == 0).all() and (out[:, :, -32:] == 0).all()
+    assert out[:, :, 32:96].max() > 100
     assert (out.reshape(3, -1).max(1) > 100).all()  # limbs drawn in every frame

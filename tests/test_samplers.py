@@ -21,7 +21,8 @@ from freeanimate_jax.diffusion.scheduler_config import SchedulerConfig
 SD15 = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
         "beta_schedule": "scaled_linear", "steps_offset": 1, "clip_sample": False,
         "set_alpha_to_one": False, "prediction_type": "epsilon", "timestep_spacing": "leading"}
-CLASSES = {"euler": EulerDiscreteScheduler, "euler_ancestral": EulerAncestralDiscreteScheduler,
+CLASSES = {"euler": EulerDiscreteScheduler, "euler_karras": EulerDiscreteScheduler,
+           "euler_ancestral": EulerAncestralDiscreteScheduler,
            "dpmpp_2m": DPMSolverMultistepScheduler,
            "dpmpp_2m_karras": DPMSolverMultistepScheduler, "lcm": LCMScheduler}
 SHAPE = (2, 4, 6, 6)  # frames, channels, h, w (the model maps channels)
@@ -37,7 +38,7 @@ def model(x: np.ndarray, t: float) -> np.ndarray:
 
 
 def _torch_run(kind, config, steps, noise0):
-    extra = {"use_karras_sigmas": True} if kind == "dpmpp_2m_karras" else {}
+    extra = {"use_karras_sigmas": True} if kind.endswith("_karras") else {}
     sch = CLASSES[kind].from_config({**config, **extra})
     sch.set_timesteps(steps)
     gen = torch.Generator().manual_seed(7)
@@ -80,6 +81,10 @@ CASES = [(k, {}, 25) for k in CLASSES] + [
     ("dpmpp_2m_karras", {}, 6),
     ("lcm", {}, 4),
     ("lcm", {"clip_sample": True, "clip_sample_range": 1.5}, 8),
+    # Zero terminal SNR: an infinite last sigma, which diffusers replaces (alphas_cumprod 2^-24).
+    ("euler", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, 10),
+    ("euler_ancestral", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, 8),
+    ("dpmpp_2m_karras", {"rescale_betas_zero_snr": True}, 8),
 ]
 
 
@@ -110,3 +115,21 @@ def test_scheduler_names():
         s = samplers.make_schedule("lcm", SchedulerConfig.from_dict(SD15), 4)
         samplers.step(s, 0, np.zeros(SHAPE, np.float32), np.zeros(SHAPE, np.float32),
                       np.zeros(SHAPE, np.float32))
+
+
+def test_scheduler_objects_name_their_sampler_and_refuse_what_they_lack():
+    from freeanimate_jax.pipelines import schedulers as s
+
+    base = s.DDIMScheduler.from_config(SD15)
+    assert s.EulerDiscreteScheduler.from_config(base.config).kind == "euler"
+    assert s.EulerDiscreteScheduler.from_config(base.config, use_karras_sigmas=True).kind \
+        == "euler_karras"
+    assert s.from_kind("dpmpp_2m_karras", base.config).config["use_karras_sigmas"] is True
+    for cls, key, value in ((s.DPMSolverMultistepScheduler, "final_sigmas_type", "sigma_min"),
+                            (s.DPMSolverMultistepScheduler, "solver_order", 3),
+                            (s.EulerDiscreteScheduler, "use_exponential_sigmas", True),
+                            (s.LCMScheduler, "original_inference_steps", 4)):
+        with pytest.raises(ValueError, match=f"{key}={value!r}"):
+            cls.from_config(base.config, **{key: value})
+    with pytest.raises(ValueError, match="num_train_timesteps=40 is below"):
+        samplers.make_schedule("lcm", SchedulerConfig(num_train_timesteps=40), 4)

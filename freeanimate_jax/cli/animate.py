@@ -32,7 +32,9 @@ DEMO_FRAMES = 16
 
 
 def add_parser(sub: Any) -> None:
-    a = sub.add_parser("animate", help="reference image + poses (+ prompt) -> video",
+    # No abbreviated options: a flag's place on the command line is found by its full name.
+    a = sub.add_parser("animate", allow_abbrev=False,
+                       help="reference image + poses (+ prompt) -> video",
                        description="Animate --reference with --poses. Settings come from the "
                        "defaults, --config FILE, the options below and trailing key=value "
                        "overrides (later wins), e.g. animate.steps=30 size=[512,384].",

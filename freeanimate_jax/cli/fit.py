@@ -205,7 +205,7 @@ def main(argv: list[str]) -> int:
     # let libtpu's compile-only client load beside another process already holding libtpu.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     platform.quiet_libtpu()
-    if "JAX_PLATFORMS" not in os.environ:
+    if not platform.user_chose():  # not a GPU's client either (it would preallocate memory)
         import jax
 
         jax.config.update("jax_platforms", "cpu")

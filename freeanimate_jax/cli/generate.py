@@ -26,7 +26,9 @@ from freeanimate_jax.pose import PoseError, demo_keypoints, load_poses, render_s
 
 
 def add_parser(sub: Any) -> None:
-    g = sub.add_parser("generate", help="prompt (+ poses) -> video with AnimateDiff",
+    # No abbreviated options: a flag's place on the command line is found by its full name.
+    g = sub.add_parser("generate", allow_abbrev=False,
+                       help="prompt (+ poses) -> video with AnimateDiff",
                        description="Text-to-video with an SD 1.5 model and an AnimateDiff motion "
                        "module. Settings come from the defaults, --config FILE, the options "
                        "below and trailing key=value overrides (later wins), e.g. "

@@ -84,9 +84,10 @@ def run(args: argparse.Namespace) -> int:
     det = detect.Detector(args.pose_model, None if args.det_model in ("", "none")
                           else args.det_model, _size(args.pose_input))
     track = detect.smooth(det.video(frames), args.smooth)
-    if args.retarget_to:
-        track = detect.retarget(track, det(load_image(args.retarget_to)))
     canvas = frames[0].shape[:2]
+    if args.retarget_to:  # the retargeted poses live in the reference's pixels
+        reference = load_image(args.retarget_to)
+        track, canvas = detect.retarget(track, det(reference)), reference.shape[:2]
     if out.exists():
         out.rmdir()  # empty: replaced by the staged folder as a whole
     with staged(out, folder=True) as tmp:

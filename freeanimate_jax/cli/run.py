@@ -93,8 +93,9 @@ SAMPLING_FLAGS = (
      "S.negative_prompt"),
     (("--controlnet-scale",), "controlnet_scale", float, "X",
      "ControlNet conditioning scale", "S.controlnet_scale"),
-    (("--scheduler",), "scheduler", str, "NAME", "sampler: ddim, euler, euler_ancestral, "
-     "dpmpp_2m, dpmpp_2m_karras, lcm (or diffusers' class name); animate keeps DDIM",
+    (("--scheduler",), "scheduler", str, "NAME", "sampler: ddim, euler, euler_karras, "
+     "euler_ancestral, dpmpp_2m, dpmpp_2m_karras, lcm (or diffusers' class name); animate "
+     "keeps DDIM",
      "S.scheduler"),
     (("--size",), "size", int, "PX", "model resolution, square (multiple of 8)", "size"),
     (("--width",), "width", int, "PX", "model width (with --height)", None),
@@ -186,8 +187,8 @@ def job_items(args: argparse.Namespace, schema: type[Job], overrides: Sequence[s
         i += 1
     placed = [(spots[o].pop(0) if spots.get(o) else len(argv) + k, o)
               for k, o in enumerate(overrides)]
-    if "num_inference_steps" in position:
-        position["steps"] = position.pop("num_inference_steps")
+    if "num_inference_steps" in position:  # two spellings of one flag: the later counts
+        position["steps"] = max(position.pop("num_inference_steps"), position.get("steps", -1))
     width, height = getattr(args, "width", None), getattr(args, "height", None)
     if (width is None) != (height is None):
         raise ConfigError("--width and --height go together; expected both (or --size PX)")

@@ -114,14 +114,18 @@ def make_schedule(kind: str, cfg: SchedulerConfig, steps: int, *,
         raise ValueError("ddim steps through diffusion/ddim.py (ddim_step), not a Schedule")
     ddim._check_steps(cfg, steps)
     ac = ddim.alphas_cumprod(cfg)  # float32, as diffusers' torch table
+    if cfg.rescale_betas_zero_snr and kind != "lcm":
+        # Euler's and DPM-Solver's fix for zero terminal SNR (an infinite last sigma).
+        ac = ac.copy()
+        ac[-1] = np.float32(2.0**-24)
     table = np.sqrt((1 - ac) / ac)  # float32 k-diffusion sigmas, ascending in t
     n = steps
     zeros, ones = np.zeros(n), np.ones(n)
     clip = None
-    if kind in ("euler", "euler_ancestral"):
+    if kind in ("euler", "euler_karras", "euler_ancestral"):
         model_t = _spaced(cfg, n)
         sig = np.interp(model_t, np.arange(len(table)), table)
-        if kind == "euler" and use_karras_sigmas:
+        if kind == "euler_karras" or (kind == "euler" and use_karras_sigmas):
             sig = _karras(sig, n)
             model_t = _sigma_to_t(sig, np.log(table))
         sig = np.concatenate([sig, [0.0]]).astype(np.float32).astype(np.float64)
@@ -132,7 +136,7 @@ def make_schedule(kind: str, cfg: SchedulerConfig, steps: int, *,
             p, q = 1 / (s**2 + 1), -s / np.sqrt(s**2 + 1)
         else:
             p, q = zeros, ones
-        if kind == "euler":
+        if kind != "euler_ancestral":
             target, d = s_next, zeros
         else:
             up = np.sqrt(s_next**2 * (s**2 - s_next**2) / s**2)
@@ -167,6 +171,9 @@ def make_schedule(kind: str, cfg: SchedulerConfig, steps: int, *,
         model_t, in_scale, init = ts.astype(np.float64), ones, 1.0
     else:  # lcm
         k = cfg.num_train_timesteps // LCM_ORIGINAL_STEPS
+        if k < 1:
+            raise ValueError(f"lcm: num_train_timesteps={cfg.num_train_timesteps} is below "
+                             f"original_inference_steps={LCM_ORIGINAL_STEPS}")
         origin = (np.arange(1, LCM_ORIGINAL_STEPS + 1) * k - 1)[::-1]
         if n > LCM_ORIGINAL_STEPS:
             raise ValueError(f"lcm: {n} steps; at most original_inference_steps="

@@ -20,11 +20,12 @@ _MUST_BE = {"thresholding": (False, None), "trained_betas": (None,),
             "set_alpha_to_zero": (None,)}
 
 
-# The samplers of `samplers.py` beside DDIM: short name -> diffusers class ("dpmpp_2m_karras" is
-# DPM++ 2M with `use_karras_sigmas=True`). Here, free of JAX, for the settings to validate.
+# The samplers of `samplers.py` beside DDIM: short name -> diffusers class ("..._karras": with
+# `use_karras_sigmas=True`). Here, free of JAX, for the settings to validate.
 SAMPLERS = {
     "ddim": "DDIMScheduler",
     "euler": "EulerDiscreteScheduler",
+    "euler_karras": "EulerDiscreteScheduler",
     "euler_ancestral": "EulerAncestralDiscreteScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
     "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
@@ -36,7 +37,7 @@ def sampler_kind(name: str) -> str:
     """The short name of a sampler given by short name or diffusers class name."""
     if name in SAMPLERS:
         return name
-    by_class = {v: k for k, v in SAMPLERS.items() if k != "dpmpp_2m_karras"}
+    by_class = {v: k for k, v in SAMPLERS.items() if not k.endswith("_karras")}
     if name in by_class:
         return by_class[name]
     raise ValueError(f"unknown scheduler {name!r}; expected one of {', '.join(SAMPLERS)} "

@@ -15,12 +15,24 @@ __all__ = ["DDIMScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscre
            "EulerDiscreteScheduler", "LCMScheduler", "SchedulerMixin", "from_kind"]
 
 
+# diffusers keys whose other values these samplers do not implement: (key, supported value).
+_ONLY_DEFAULT = {"final_sigmas_type": "zero", "lower_order_final": True, "euler_at_final": False,
+                 "use_lu_lambdas": False, "use_exponential_sigmas": False,
+                 "use_beta_sigmas": False, "original_inference_steps": 50,
+                 "timestep_scaling": 10.0, "interpolation_type": "linear", "thresholding": False,
+                 "variance_type": None, "timestep_type": "discrete"}
+
+
 class SchedulerMixin:
     """A diffusers-style scheduler handle: `config` (a dict of diffusers' keys) and `kind`."""
 
     KIND: ClassVar[str] = "ddim"
 
     def __init__(self, **config: Any):
+        for key, want in _ONLY_DEFAULT.items():
+            if key in config and config[key] != want and not (want is None and not config[key]):
+                raise ValueError(f"{type(self).__name__}: {key}={config[key]!r} is not "
+                                 f"supported; expected {want!r}")
         names = {f.name for f in dataclasses.fields(SchedulerConfig)}
         defaults = dataclasses.asdict(SchedulerConfig())
         self.config = {**defaults, **{k: v for k, v in config.items() if k in names},
@@ -46,7 +58,13 @@ class DDIMScheduler(SchedulerMixin):
 
 
 class EulerDiscreteScheduler(SchedulerMixin):
+    """Euler; Karras sigmas with use_karras_sigmas=True."""
+
     KIND = "euler"
+
+    @property
+    def kind(self) -> str:
+        return "euler_karras" if self.config.get("use_karras_sigmas") else "euler"
 
 
 class EulerAncestralDiscreteScheduler(SchedulerMixin):
@@ -81,6 +99,6 @@ def from_kind(kind: str, config: Mapping[str, Any]) -> SchedulerMixin:
     classes = {c.KIND: c for c in (DDIMScheduler, EulerDiscreteScheduler,
                                    EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler,
                                    LCMScheduler)}
-    if kind == "dpmpp_2m_karras":
-        return DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True)
+    if kind.endswith("_karras"):
+        return classes[kind.removesuffix("_karras")].from_config(config, use_karras_sigmas=True)
     return classes[kind].from_config(config)

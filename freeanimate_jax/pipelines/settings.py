@@ -46,8 +46,8 @@ class SamplingSettings:
     guidance_scale: float = 7.5
     negative_prompt: str = ""
     eta: float = 0.0
-    # ddim | euler | euler_ancestral | dpmpp_2m | dpmpp_2m_karras | lcm (or diffusers' class
-    # names), over the model's own noise table (`scheduler_config.json`); eta is DDIM's alone.
+    # ddim | euler | euler_karras | euler_ancestral | dpmpp_2m | dpmpp_2m_karras | lcm (or
+    # diffusers' class names), over the model's own noise table; eta is DDIM's alone.
     scheduler: str = "ddim"
     seed: int = 0
     controlnet_scale: float = 1.0

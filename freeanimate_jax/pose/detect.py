@@ -46,8 +46,8 @@ def coco_to_openpose(keypoints: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class Detector:
-    """One person's OpenPose-18 keypoints per frame: the highest-scoring box of the person
-    detector (or the whole frame), then the pose model's SimCC keypoints in that box."""
+    """One person's OpenPose-18 keypoints per frame: the largest box of the person detector
+    (or the whole frame), then the pose model's SimCC keypoints in that box."""
 
     pose_model: str = DWPOSE_MODEL
     det_model: str | None = YOLOX_MODEL
@@ -62,17 +62,26 @@ class Detector:
                             f"pip install 'freeanimate-jax[poses]'") from None
         from freeanimate_jax.weights.loader import resolve_file
 
-        pose = resolve_file(self.pose_model, "pose model")
-        if not pose.is_file():
-            raise PoseError(f"pose model {pose}: no such file; expected an ONNX pose model "
-                            f"(local, or hf://owner/repo/file.onnx)")
-        self._pose = RTMPose(str(pose), model_input_size=tuple(self.pose_input),
-                             backend="onnxruntime", device=self.device)
+        def session(make, spec: str, what: str):
+            path = resolve_file(spec, what)
+            if not path.is_file():
+                raise PoseError(f"{what} {path}: no such file; expected an ONNX model (local, "
+                                f"or hf://owner/repo/file.onnx)")
+            try:
+                return make(str(path))
+            except Exception as e:  # not ONNX, or not this kind of model: one line
+                first = (str(e).splitlines() or [type(e).__name__])[0]
+                raise PoseError(f"{what} {path}: could not be loaded ({type(e).__name__}: "
+                                f"{first}); expected an ONNX {what}") from None
+
+        self._pose = session(lambda f: RTMPose(f, model_input_size=tuple(self.pose_input),
+                                               backend="onnxruntime", device=self.device),
+                             self.pose_model, "pose model")
         self._det = None
         if self.det_model:
-            det = resolve_file(self.det_model, "person detector")
-            self._det = YOLOX(str(det), model_input_size=YOLOX_INPUT, backend="onnxruntime",
-                              device=self.device)
+            self._det = session(lambda f: YOLOX(f, model_input_size=YOLOX_INPUT,
+                                                backend="onnxruntime", device=self.device),
+                                self.det_model, "person detector")
 
     def __call__(self, frame_rgb: np.ndarray) -> np.ndarray:
         """(18, 3) keypoints of the main person in one RGB uint8 frame (all zero: nobody)."""
@@ -160,8 +169,8 @@ def detected_pose_frames(source: str, size_hw: tuple[int, int], *,
                          pose_model: str = DWPOSE_MODEL, det_model: str | None = YOLOX_MODEL,
                          pose_input: tuple[int, int] = DWPOSE_INPUT) -> np.ndarray:
     """`--poses VIDEO --detect`: the driving video's detected poses, retargeted to `reference`
-    when given, rendered at the video's size and letterboxed to `size_hw` (as a skeleton
-    video is), (F, H, W, 3) uint8."""
+    when given, rendered at the video's size (the reference's, retargeted) and letterboxed to
+    `size_hw` (as a skeleton video is), (F, H, W, 3) uint8."""
     from pathlib import Path
 
     from freeanimate_jax.io.images import letterbox
@@ -173,7 +182,8 @@ def detected_pose_frames(source: str, size_hw: tuple[int, int], *,
     frames = read_video(source)[0]
     det = Detector(pose_model, det_model, pose_input)
     track = smooth(det.video(frames), smooth_window)
-    if reference is not None:
-        track = retarget(track, det(reference))
-    drawn = render_sequence(track, frames.shape[1:3])
+    canvas = frames.shape[1:3]
+    if reference is not None:  # the retargeted poses live in the reference's pixels
+        track, canvas = retarget(track, det(reference)), reference.shape[:2]
+    drawn = render_sequence(track, canvas)
     return np.stack([letterbox(f, size_hw, kind="pose")[0] for f in drawn])
