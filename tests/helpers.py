@@ -94,3 +94,24 @@ def lower_plan(pipeline, plan, specs, only: set[str] | None = None) -> dict[str,
         if step.name not in texts and (only is None or step.name in only):
             texts[step.name] = lowered.compile().as_text()
     return texts
+
+
+def process_env(devices: int, **extra: str) -> dict[str, str]:
+    """A child process's environment: the CPU with `devices` virtual devices, no TPU variables
+    (conftest sets them for libtpu; to a child they would mean "a TPU pod")."""
+    import os
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
+    for key in ("TPU_WORKER_HOSTNAMES", "TPU_SKIP_MDS_QUERY", "TPU_ACCELERATOR_TYPE"):
+        env.pop(key, None)
+    return env
+
+
+def free_port() -> int:
+    """A free localhost port for a jax.distributed coordinator."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]

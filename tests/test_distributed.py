@@ -4,8 +4,6 @@ machine (4 CPU devices each, gloo between them): the same video as one process w
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 
@@ -14,22 +12,11 @@ import pytest
 from PIL import Image
 
 from freeanimate_jax.io import read_video
+from tests.helpers import free_port, process_env
 
 ARGS = ["animate", "--demo", "animate.steps=2", "animate.preview_steps=2", "frames=8"]
 
 
-def _env(devices: int, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
-    for key in ("TPU_WORKER_HOSTNAMES", "TPU_SKIP_MDS_QUERY", "TPU_ACCELERATOR_TYPE"):
-        env.pop(key, None)  # set for libtpu by conftest; they would mean "a TPU pod" here
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def _cmd(out) -> list[str]:
@@ -38,17 +25,17 @@ def _cmd(out) -> list[str]:
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen(
         _cmd(tmp_path / f"host{i}" / "demo.mp4"), cwd=tmp_path, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=_env(4, FREEANIMATE_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+        env=process_env(4, FREEANIMATE_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                  JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))) for i in range(2)]
     logs = [p.communicate(timeout=900) for p in procs]
     for p, (out, err) in zip(procs, logs, strict=True):
         assert p.returncode == 0, f"{out}\n{err}"
     single = subprocess.run(_cmd(tmp_path / "single" / "demo.mp4"), cwd=tmp_path, text=True,
-                            capture_output=True, env=_env(8), timeout=900)
+                            capture_output=True, env=process_env(8), timeout=900)
     assert single.returncode == 0, single.stderr
 
     # Process 0 writes; process 1 computed its half and wrote nothing.
@@ -68,7 +55,7 @@ def test_two_processes_equal_one_process(tmp_path):
 
 def test_distributed_without_a_coordinator_is_one_line(tmp_path):
     proc = subprocess.run(_cmd(tmp_path / "demo.mp4"), cwd=tmp_path, text=True,
-                          capture_output=True, env=_env(1, FREEANIMATE_DISTRIBUTED="1"),
+                          capture_output=True, env=process_env(1, FREEANIMATE_DISTRIBUTED="1"),
                           timeout=300)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1, proc.stderr

@@ -34,12 +34,7 @@ from tests import tiny  # noqa: E402
 from tests.helpers import assert_parity, nchw_to_nhwc  # noqa: E402
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-VAE = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, latent_channels=4,
-           sample_size=32, down_block_types=("DownEncoderBlock2D",) * 2,
-           up_block_types=("UpDecoderBlock2D",) * 2)
-SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                      beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-                      steps_offset=1)
+VAE, SD15_SCHEDULER = tiny.VAE, tiny.SD15_SCHEDULER
 
 
 def _unet_inputs(seed=0, batch=1):
@@ -217,34 +212,11 @@ def test_unknown_hub_id_offline_is_one_line(hub_cache):
 
 # --- whole pipelines ----------------------------------------------------------------------------
 
-def _tokenizer(tmp_path):
-    """transformers' own tiny CLIP BPE test vocabulary (see tests/test_clip_text.py)."""
-    vocab = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "lo", "l</w>", "w</w>", "r</w>",
-             "t</w>", "low</w>", "er</w>", "lowest</w>", "newer</w>", "wider", "<unk>",
-             "<|startoftext|>", "<|endoftext|>"]
-    src = tmp_path / "tok_src"
-    src.mkdir()
-    (src / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (src / "merges.txt").write_text("\n".join(["#version: 0.2", "l o", "lo w</w>", "e r</w>", ""]))
-    return transformers.CLIPTokenizer.from_pretrained(src, model_max_length=77)
-
-
 @pytest.fixture(scope="module")
 def sd_folders(tmp_path_factory):
     """(torch pipeline, torch ControlNet, pipeline folder, ControlNet folder)."""
     tmp = tmp_path_factory.mktemp("sd")
-    torch.manual_seed(0)
-    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        vocab_size=1000, max_position_embeddings=77, bos_token_id=21, eos_token_id=22,
-        pad_token_id=22)).eval()
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=tiny.randomize(diffusers.AutoencoderKL(**VAE), 3),
-        text_encoder=text_encoder, tokenizer=_tokenizer(tmp),
-        unet=tiny.randomize(diffusers.UNet2DConditionModel(**tiny.SD1_UNET), 4),
-        scheduler=diffusers.DDIMScheduler(**SD15_SCHEDULER), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(tmp / "sd")
+    pipe = tiny.save_sd_pipeline(tmp, tmp / "sd")
     controlnet = tiny.save_controlnet(tmp / "cn", **tiny.CONTROLNET)
     return pipe, controlnet, tmp / "sd", tmp / "cn"
 

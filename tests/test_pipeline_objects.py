@@ -21,23 +21,9 @@ FRAMES = 8
 @pytest.fixture(scope="module")
 def diffusers_folders(tmp_path_factory):
     import diffusers
-    import transformers
-
-    from tests.test_loader import SD15_SCHEDULER, VAE, _tokenizer
 
     tmp = tmp_path_factory.mktemp("animatediff")
-    torch.manual_seed(0)
-    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        vocab_size=1000, max_position_embeddings=77, bos_token_id=21, eos_token_id=22,
-        pad_token_id=22)).eval()
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=tiny.randomize(diffusers.AutoencoderKL(**VAE), 3),
-        text_encoder=text_encoder, tokenizer=_tokenizer(tmp),
-        unet=tiny.randomize(diffusers.UNet2DConditionModel(**tiny.SD1_UNET), 4),
-        scheduler=diffusers.DDIMScheduler(**{**SD15_SCHEDULER, "clip_sample": False}),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(tmp / "sd")
+    tiny.save_sd_pipeline(tmp, tmp / "sd")
     adapter = tiny.randomize(diffusers.MotionAdapter(
         block_out_channels=(32, 64), motion_layers_per_block=2, motion_num_attention_heads=2,
         motion_norm_num_groups=8, motion_max_seq_length=32, use_motion_mid_block=True), 5,

@@ -10,9 +10,7 @@ k is b1 m_{k-1} + (1 - b1) g_k, so equal moments at every step are equal clipped
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -24,6 +22,7 @@ import pytest
 from freeanimate_jax import config as cfg
 from freeanimate_jax.train.checkpoint import Checkpoints
 from freeanimate_jax.train.state import path_name
+from tests.helpers import free_port, process_env
 
 STEPS = 5
 # Adam's eps is 1e-6 here, not 1e-8: the summed gradient of an element whose per-example terms
@@ -38,18 +37,6 @@ ARGS = ["optim.eps=1e-6", "train.max_steps=5", "train.global_batch=8", "train.ck
 REL = 1e-5
 
 
-def _env(devices: int, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
-    for key in ("TPU_WORKER_HOSTNAMES", "TPU_SKIP_MDS_QUERY", "TPU_ACCELERATOR_TYPE"):
-        env.pop(key, None)  # set for libtpu by conftest; they would mean "a TPU pod" here
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def train(out, *extra: str, devices: int = 1, processes: int = 1,
@@ -62,12 +49,12 @@ def train(out, *extra: str, devices: int = 1, processes: int = 1,
            *ARGS, *extra]
     if processes == 1:
         procs = [subprocess.Popen(cmd, text=True, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, env=_env(devices))]
+                                  stderr=subprocess.PIPE, env=process_env(devices))]
     else:
-        port = _free_port()
+        port = free_port()
         procs = [subprocess.Popen(
             cmd, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=_env(devices, FREEANIMATE_DISTRIBUTED="1",
+            env=process_env(devices, FREEANIMATE_DISTRIBUTED="1",
                      JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                      JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i)))
             for i in range(processes)]

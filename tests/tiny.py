@@ -16,6 +16,12 @@ SD2_UNET = dict(block_out_channels=(32, 64, 64), layers_per_block=1, sample_size
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                 cross_attention_dim=24, attention_head_dim=[2, 4, 8], use_linear_projection=True,
                 upcast_attention=True, norm_num_groups=16)
+VAE = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, latent_channels=4,
+           sample_size=32, down_block_types=("DownEncoderBlock2D",) * 2,
+           up_block_types=("UpDecoderBlock2D",) * 2)
+SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                      beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                      steps_offset=1)
 CONTROLNET = dict(block_out_channels=(32, 64), layers_per_block=2,
                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                   cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
@@ -59,3 +65,40 @@ def save_motion_adapter(path, seed: int = 2, **config):
     model = randomize(MotionAdapter(**config), seed)
     model.save_pretrained(path)
     return model
+
+
+def clip_tokenizer(tmp_path):
+    """transformers' own tiny CLIP BPE test vocabulary (see tests/test_clip_text.py)."""
+    import json
+
+    import transformers
+
+    vocab = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "lo", "l</w>", "w</w>", "r</w>",
+             "t</w>", "low</w>", "er</w>", "lowest</w>", "newer</w>", "wider", "<unk>",
+             "<|startoftext|>", "<|endoftext|>"]
+    src = tmp_path / "tok_src"
+    src.mkdir()
+    (src / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (src / "merges.txt").write_text("\n".join(["#version: 0.2", "l o", "lo w</w>", "e r</w>", ""]))
+    return transformers.CLIPTokenizer.from_pretrained(src, model_max_length=77)
+
+
+def save_sd_pipeline(tmp_path, folder):
+    """A tiny random SD 1.x pipeline (text encoder, tokenizer, VAE, UNet, DDIM) saved with
+    `save_pretrained` into `folder`; returns the torch pipeline."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(0)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=1000, max_position_embeddings=77, bos_token_id=21, eos_token_id=22,
+        pad_token_id=22)).eval()
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=randomize(diffusers.AutoencoderKL(**VAE), 3),
+        text_encoder=text_encoder, tokenizer=clip_tokenizer(tmp_path),
+        unet=randomize(diffusers.UNet2DConditionModel(**SD1_UNET), 4),
+        scheduler=diffusers.DDIMScheduler(**SD15_SCHEDULER), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return pipe
