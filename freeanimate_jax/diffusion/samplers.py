@@ -106,8 +106,7 @@ def _x0_coefs(prediction: str, sa: np.ndarray, sb: np.ndarray) -> tuple[np.ndarr
     return np.zeros_like(sa), np.ones_like(sa)
 
 
-def make_schedule(kind: str, cfg: SchedulerConfig, steps: int, *,
-                  use_karras_sigmas: bool | None = None) -> Schedule:
+def make_schedule(kind: str, cfg: SchedulerConfig, steps: int) -> Schedule:
     """The coefficients of `kind` (see `KINDS`) for `steps` steps over `cfg`'s noise table."""
     kind = kind_of(kind)
     if kind == "ddim":
@@ -125,7 +124,7 @@ def make_schedule(kind: str, cfg: SchedulerConfig, steps: int, *,
     if kind in ("euler", "euler_karras", "euler_ancestral"):
         model_t = _spaced(cfg, n)
         sig = np.interp(model_t, np.arange(len(table)), table)
-        if kind == "euler_karras" or (kind == "euler" and use_karras_sigmas):
+        if kind == "euler_karras":
             sig = _karras(sig, n)
             model_t = _sigma_to_t(sig, np.log(table))
         sig = np.concatenate([sig, [0.0]]).astype(np.float32).astype(np.float64)
@@ -147,7 +146,7 @@ def make_schedule(kind: str, cfg: SchedulerConfig, steps: int, *,
         init = top if cfg.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
     elif kind in ("dpmpp_2m", "dpmpp_2m_karras"):
         ts = _dpm_timesteps(cfg, n)
-        if kind == "dpmpp_2m_karras" or use_karras_sigmas:
+        if kind == "dpmpp_2m_karras":
             sig = _karras(table[::-1].copy(), n)
             ts = np.round(_sigma_to_t(sig, np.log(table)))
         else:
