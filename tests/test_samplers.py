@@ -16,7 +16,7 @@ from diffusers import (
 )
 
 from freeanimate_jax.diffusion import samplers
-from freeanimate_jax.diffusion.scheduler_config import SchedulerConfig
+from freeanimate_jax.diffusion.scheduler_config import SchedulerConfig, sampler_kind
 
 SD15 = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
         "beta_schedule": "scaled_linear", "steps_offset": 1, "clip_sample": False,
@@ -107,10 +107,10 @@ def test_sampler_equals_diffusers_step_by_step(kind, change, steps):
 
 
 def test_scheduler_names():
-    assert samplers.kind_of("EulerAncestralDiscreteScheduler") == "euler_ancestral"
-    assert samplers.kind_of("dpmpp_2m_karras") == "dpmpp_2m_karras"
+    assert sampler_kind("EulerAncestralDiscreteScheduler") == "euler_ancestral"
+    assert sampler_kind("dpmpp_2m_karras") == "dpmpp_2m_karras"
     with pytest.raises(ValueError, match="unknown scheduler 'heun'; expected one of ddim, euler"):
-        samplers.kind_of("heun")
+        sampler_kind("heun")
     with pytest.raises(ValueError, match="needs `noise`"):
         s = samplers.make_schedule("lcm", SchedulerConfig.from_dict(SD15), 4)
         samplers.step(s, 0, np.zeros(SHAPE, np.float32), np.zeros(SHAPE, np.float32),

@@ -13,7 +13,7 @@ the noise is drawn by the caller (pure). The model sees `model_t[i]` (a float: E
 between training timesteps) and its input scaled by `in_scale[i]` (Euler's 1 / sqrt(sigma^2 + 1)).
 
 DDIM keeps its own module (`ddim.py`): FreeAnimate inverts with it, and its eta noise and clipped
-x0 do not fit the form above. Names follow diffusers' classes; `KINDS` maps both spellings.
+x0 do not fit the form above. Names follow diffusers' classes (`scheduler_config.SAMPLERS`).
 """
 
 from __future__ import annotations
@@ -25,12 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from freeanimate_jax.diffusion import ddim
-from freeanimate_jax.diffusion.scheduler_config import SAMPLERS, SchedulerConfig, sampler_kind
+from freeanimate_jax.diffusion.scheduler_config import SchedulerConfig, sampler_kind
 
 Array = jax.Array
 
-KINDS = SAMPLERS
-kind_of = sampler_kind
 NOISY = ("euler_ancestral", "lcm")  # a fresh normal draw every step
 LCM_ORIGINAL_STEPS = 50  # LCMScheduler's original_inference_steps
 LCM_TIMESTEP_SCALING = 10.0  # LCMScheduler's timestep_scaling
@@ -107,8 +105,9 @@ def _x0_coefs(prediction: str, sa: np.ndarray, sb: np.ndarray) -> tuple[np.ndarr
 
 
 def make_schedule(kind: str, cfg: SchedulerConfig, steps: int) -> Schedule:
-    """The coefficients of `kind` (see `KINDS`) for `steps` steps over `cfg`'s noise table."""
-    kind = kind_of(kind)
+    """The coefficients of `kind` (a `scheduler_config.SAMPLERS` name or a diffusers class
+    name) for `steps` steps over `cfg`'s noise table."""
+    kind = sampler_kind(kind)
     if kind == "ddim":
         raise ValueError("ddim steps through diffusion/ddim.py (ddim_step), not a Schedule")
     ddim._check_steps(cfg, steps)

@@ -81,10 +81,8 @@ class _Pipeline:
     SETTINGS: type
     job_schema: type[cfg.Job]
 
-    def __init__(self, models: Any, *, mesh: Any = None, scheduler: SchedulerMixin | None = None,
-                 dtype: Any = None):
+    def __init__(self, models: Any, *, mesh: Any = None, scheduler: SchedulerMixin | None = None):
         self.models, self.mesh = models, mesh
-        self.dtype = dtype
         self.scheduler = scheduler or DDIMScheduler.from_config(
             dataclasses.asdict(models.scheduler))
         self._sampler = None
@@ -125,7 +123,7 @@ class AnimateDiffPipeline(_Pipeline):
         models = cls._load(model, dtype, motion_module=motion_adapter,
                            controlnet=controlnet or "", lora=list(lora),
                            motion_lora=list(motion_lora), domain_adapter=domain_adapter)
-        return cls(models, mesh=mesh, dtype=dtype)
+        return cls(models, mesh=mesh)
 
     def _make_sampler(self) -> Any:
         from freeanimate_jax.pipelines.generate import Generate, GenerateSettings
@@ -178,7 +176,7 @@ class FreeAnimatePipeline(_Pipeline):
                         dtype: Any = jnp.float32, mesh: Any = None) -> FreeAnimatePipeline:
         models = cls._load(model, dtype, controlnet=controlnet,
                            motion_module=motion_adapter or "", lora=list(lora))
-        return cls(models, mesh=mesh, dtype=dtype)
+        return cls(models, mesh=mesh)
 
     def _make_sampler(self) -> Any:
         from freeanimate_jax.pipelines.animate import AnimateSettings, FreeAnimate
