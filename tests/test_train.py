@@ -136,6 +136,35 @@ def test_it_learns_on_the_synthetic_clips(tmp_path):
     assert np.mean(losses[-20:]) < 0.9 * np.mean(losses[:20])
 
 
+def test_a_bfloat16_latent_cache_reads_back_as_bfloat16_and_trains(tmp_path):
+    """`train cache` writes bfloat16 by default: every array, the shared empty-prompt embedding
+    included, reads back as the float32 cache rounded to bfloat16, and a step runs on it."""
+    import ml_dtypes
+
+    from freeanimate_jax.train.cache import LatentData, LatentSource, write_cache
+    from freeanimate_jax.train.data import source_of
+
+    job = _job(tmp_path, "data.hflip=false")
+    trainer = _trainer(job)
+    m = trainer.models
+    batches = {}
+    for dtype in ("float32", "bfloat16"):
+        write_cache(source_of(job), tmp_path / dtype, m.vae, m.text_encoder, m.tokenizer,
+                    size=64, dtype=dtype, log=lambda s: None)
+        batches[dtype] = LatentData(LatentSource(tmp_path / dtype), frames=8, stride=1,
+                                    size=64, seed=0, batch_per_host=4).batch(0)
+    for key in ("mean", "logstd", "context", "empty"):
+        got, ref = batches["bfloat16"][key], batches["float32"][key]
+        assert got.dtype == ml_dtypes.bfloat16, key
+        assert np.array_equal(got.view(np.uint16), ref.astype(ml_dtypes.bfloat16).view(np.uint16))
+    job_c = _job(tmp_path, "data.hflip=false", "data.source=latents",
+                 f"data.dir={tmp_path / 'bfloat16'}")
+    trainer_c = Trainer(job_c, m, open_data(job_c, 1), _mesh(), log=lambda s: None)
+    _, metrics = trainer_c.step_fn(trainer_c.state, trainer_c.device_batch(batches["bfloat16"]),
+                                   trainer_c.frozen, None)
+    assert np.isfinite(float(metrics["loss"]))
+
+
 def test_the_latent_cache_gives_the_loss_of_encoding_on_the_fly(tmp_path):
     from freeanimate_jax.train.cache import LatentData, LatentSource, write_cache
     from freeanimate_jax.train.data import source_of

@@ -36,25 +36,27 @@ META = "latents.json"
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
+def _bits(v: np.ndarray) -> np.ndarray:
+    """bf16 as its 16-bit pattern: .npy/.npz know no bfloat16 (np.save writes it as void)."""
+    return v.view(np.uint16) if v.dtype == ml_dtypes.bfloat16 else v
+
+
+def _unbits(v: np.ndarray) -> np.ndarray:
+    # uint16 is only ever a stored bf16; 2-byte void is how older caches saved `empty`.
+    return v.view(ml_dtypes.bfloat16) if v.dtype == np.uint16 or v.dtype.kind == "V" else v
+
+
 def _pack(arrays: dict[str, np.ndarray], strings: dict[str, str]) -> bytes:
     buf = io.BytesIO()
-    # bf16 is stored as its 16-bit pattern: npz knows no bfloat16.
-    np.savez(buf, **{k: (v.view(np.uint16) if v.dtype == ml_dtypes.bfloat16 else v)
-                     for k, v in arrays.items()},
+    np.savez(buf, **{k: _bits(v) for k, v in arrays.items()},
              **{f"str_{k}": np.asarray(v) for k, v in strings.items()})
     return buf.getvalue()
 
 
 def _unpack(data: bytes) -> dict[str, Any]:
     with np.load(io.BytesIO(data)) as z:
-        out = {}
-        for k in z.files:
-            if k.startswith("str_"):
-                out[k[4:]] = str(z[k])
-            else:
-                v = z[k]
-                out[k] = v.view(ml_dtypes.bfloat16) if v.dtype == np.uint16 else v
-        return out
+        return {k[4:] if k.startswith("str_") else k:
+                str(z[k]) if k.startswith("str_") else _unbits(z[k]) for k in z.files}
 
 
 class LatentSource:
@@ -74,7 +76,7 @@ class LatentSource:
 
         paths = [str(self.folder / s) for s in self.meta["shards"]]
         self._source = grain.sources.ArrayRecordDataSource(paths)
-        self.empty = np.load(self.folder / "empty.npy")
+        self.empty = _unbits(np.load(self.folder / "empty.npy"))
 
     def __len__(self) -> int:
         return len(self._source)
@@ -158,7 +160,7 @@ def write_cache(source: Any, out: str | Path, vae: nnx.Module, text_encoder: nnx
                                   np.asarray(tokenize(tokenizer, [""])))[2][0])
     with staged(out / "empty.npy") as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, empty_ctx.astype(np_dtype))
+            np.save(f, _bits(empty_ctx.astype(np_dtype)))
     for s, name in enumerate(shards):
         if (out / name).exists():
             log(f"shard {s + 1}/{len(shards)} already cached")
