@@ -79,9 +79,9 @@ def fresh_tiny():
 
 # The slowest modules first (minutes each, measured on the 2-core host): with two xdist
 # workers taking one module at a time, a long module started last would run alone at the end.
-SLOW_FIRST = ("test_train_mesh", "test_tpu_lowering", "test_distributed", "test_notebooks",
-              "test_train_resume", "test_pipeline_objects", "test_train", "test_fit",
-              "test_fit_train", "test_cli", "test_animate", "test_generate",
+SLOW_FIRST = ("test_readme_commands", "test_train_mesh", "test_tpu_lowering", "test_distributed",
+              "test_notebooks", "test_train_resume", "test_pipeline_objects", "test_train",
+              "test_fit", "test_fit_train", "test_cli", "test_animate", "test_generate",
               "test_train_controlnet", "test_cli_generate", "test_train_parity", "test_readme")
 
 

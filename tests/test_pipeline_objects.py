@@ -44,11 +44,26 @@ def test_animatediff_pipeline_equals_diffusers(diffusers_folders):
     latents = np.random.default_rng(0).standard_normal((1, 4, FRAMES, 16, 16)).astype(np.float32)
     kw = dict(num_frames=FRAMES, height=size, width=size, num_inference_steps=3,
               guidance_scale=6.0, output_type="np")
+    seen = {"ref": [], "ours": []}
+
+    def record(who):
+        def callback(pipe, step, t, kwargs):
+            seen[who].append((step, int(t), np.asarray(kwargs["latents"], np.float32)))
+            return kwargs
+        return callback
+
     with torch.no_grad():
-        want = ref("lower newer", latents=torch.from_numpy(latents), **kw).frames[0]
-    got = ours("lower newer", latents=latents, **kw).frames[0]
+        want = ref("lower newer", latents=torch.from_numpy(latents),
+                   callback_on_step_end=record("ref"), **kw).frames[0]
+    got = ours("lower newer", latents=latents, callback_on_step_end=record("ours"),
+               **kw).frames[0]
     assert got.shape == want.shape == (FRAMES, size, size, 3)
     assert_parity(got, want, "AnimateDiffPipeline frames")
+    # callback_on_step_end: the same steps, timesteps and latents after each step.
+    assert [s[:2] for s in seen["ours"]] == [s[:2] for s in seen["ref"]]
+    assert len(seen["ours"]) == 3
+    for (step, _, z), (_, _, z_ref) in zip(seen["ours"], seen["ref"], strict=True):
+        assert_parity(z, z_ref, f"latents after step {step}")
     assert np.abs(want - want.mean(0)).max() > 1e-3  # frames differ: the motion module acts
 
 
@@ -67,9 +82,14 @@ def test_animatediff_pipeline_gives_generates_frames_and_swaps_schedulers(demo_p
     # diffusers' way of choosing a sampler, and its Karras switch.
     demo_pipe.scheduler = fa.DPMSolverMultistepScheduler.from_config(
         demo_pipe.scheduler.config, use_karras_sigmas=True)
+    steps = []
     out = demo_pipe("a cat", num_frames=FRAMES, height=TINY_SIZE, width=TINY_SIZE,
                     num_inference_steps=2, guidance_scale=5.0, seed=3, output_type="pil",
-                    num_videos_per_prompt=2, return_latents=True)
+                    num_videos_per_prompt=2, return_latents=True,
+                    callback_on_step_end=lambda p, i, t, kw: steps.append((i, kw["latents"])))
+    # Through the multistep sampler's scan too: 2 steps per video, the last one the result.
+    assert [i for i, _ in steps] == [0, 1, 0, 1]
+    np.testing.assert_array_equal(steps[1][1][0].transpose(1, 0, 2, 3), out.latents[0])
     kdpm = fa.Generate(demo_pipe.models, settings)("a cat", size,
                                                    scheduler="dpmpp_2m_karras").frames
     assert len(out.frames) == 2 and len(out.frames[0]) == FRAMES

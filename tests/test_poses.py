@@ -23,10 +23,12 @@ CROP_KP = np.array([[24, 10], [22, 9], [26, 9], [20, 10], [28, 10], [18, 18], [3
                     [28, 46], [20, 56], [28, 56.5]], np.float64)
 
 
-def _pose_onnx(path) -> None:
+def pose_onnx(path, in_wh: tuple[int, int] = (IN_W, IN_H)) -> None:
     """input (1, 3, H, W) -> simcc_x (1, 17, 2W), simcc_y (1, 17, 2H): one-hot at the known
     keypoints (plus 0 x the input's mean, so the graph reads its input)."""
     from onnx import TensorProto, helper, numpy_helper
+
+    IN_W, IN_H = in_wh  # noqa: N806
 
     sx = np.full((1, 17, 2 * IN_W), 0.01, np.float32)
     sy = np.full((1, 17, 2 * IN_H), 0.01, np.float32)
@@ -64,7 +66,7 @@ def _expected_image_kp(frame_hw: tuple[int, int]) -> np.ndarray:
 
 def test_poses_from_a_video_run_the_detector_and_write_openpose_json(tmp_path, capsys):
     model = tmp_path / "pose.onnx"
-    _pose_onnx(model)
+    pose_onnx(model)
     frames = np.random.default_rng(0).integers(0, 255, (4, 96, 64, 3), dtype=np.uint8)
     write_video(tmp_path / "dance.mp4", frames, 8.0)
     out = tmp_path / "poses"
@@ -170,7 +172,7 @@ def test_detected_pose_frames_are_letterboxed_skeletons(tmp_path):
     from freeanimate_jax.pose.detect import detected_pose_frames
 
     model = tmp_path / "pose.onnx"
-    _pose_onnx(model)
+    pose_onnx(model)
     frames = np.random.default_rng(1).integers(0, 255, (3, 96, 64, 3), dtype=np.uint8)
     write_video(tmp_path / "drive.mp4", frames, 8.0)
     reference = np.full((128, 64, 3), 128, np.uint8)  # taller than the video: its canvas

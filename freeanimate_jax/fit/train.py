@@ -90,7 +90,11 @@ def compile_batch(fitter: Fitter, job, remat: str, batch_per_chip: int, frames: 
                    weights=per(frozen) + per(state["params"]) + per(encoders or {}),
                    optimizer=per(state["opt"]) + per(state.get("ema", {})),
                    batch=per(batch), ok=st.error is None and st.total <= fitter.hbm)
-    fitter.log(f"{label}: {st.error or f'{st.total / GiB:.2f} GiB'} ({st.compile_s:.0f}s)")
+    # The whole row in the log: a long search stopped part-way still leaves its figures.
+    figures = (f"{st.total / GiB:.2f} GiB (weights {out.weights / GiB:.2f}, optimizer "
+               f"{out.optimizer / GiB:.2f}, batch {out.batch / GiB:.3f}, activations "
+               f"{out.activations / GiB:.2f}), {'fits' if out.ok else 'does not fit'}")
+    fitter.log(f"{label}: {st.error or figures} ({st.compile_s:.0f}s)")
     return out
 
 

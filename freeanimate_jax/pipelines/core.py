@@ -105,6 +105,7 @@ class _Display:
     pipeline object, so the target is looked up when a step reports, not baked in)."""
 
     progress: Progress | None = None
+    step_end: Callable[[str, int, Any, np.ndarray], None] | None = None
 
 
 _DISPLAY = _Display()
@@ -121,15 +122,28 @@ def _show_step(name: str, step: Any) -> None:
         _DISPLAY.progress(name, step)
 
 
+def report_step_end(name: str, step: Array, t: Array, latents: Array) -> None:
+    """Call inside a scan body of a program compiled with a step-end callback: the step's
+    index, timestep and new latents go to the host, in step order (diffusers'
+    `callback_on_step_end`, read-only: the scan's carry stays on the device)."""
+    jax.debug.callback(partial(_on_step_end, name), step, t, latents, ordered=True)
+
+
+def _on_step_end(name: str, step: Any, t: Any, latents: Any) -> None:
+    if _DISPLAY.step_end is not None:
+        _DISPLAY.step_end(name, int(step), np.asarray(t).item(), np.asarray(latents))
+
+
 def execute(plan: Sequence[Step], buffers: dict[str, Any], progress: Progress | None,
-            timings: dict[str, float]) -> dict[str, Any]:
+            timings: dict[str, float], step_end: Callable | None = None) -> dict[str, Any]:
     """Run `plan` on `buffers` (updated in place with every result); each stage's wall time,
-    compilation included, goes to `timings` under its name."""
+    compilation included, goes to `timings` under its name. `step_end(stage, step, t, latents)`
+    receives the steps of stages compiled to report them."""
     if progress is not None:
         for step in plan:
             if step.stage.steps:
                 progress.stage(step.name, step.stage.steps)
-    _DISPLAY.progress = progress
+    _DISPLAY.progress, _DISPLAY.step_end = progress, step_end
     try:
         for step in plan:
             clock = time.perf_counter()
@@ -140,7 +154,7 @@ def execute(plan: Sequence[Step], buffers: dict[str, Any], progress: Progress | 
             for (key, _), value in zip(step.outputs, results, strict=True):
                 buffers[key] = value
     finally:
-        _DISPLAY.progress = None
+        _DISPLAY.progress = _DISPLAY.step_end = None
     return buffers
 
 

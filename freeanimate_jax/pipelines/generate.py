@@ -9,6 +9,7 @@ over the mesh like the animate pipeline's; both run through the sampling core (`
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -34,6 +35,7 @@ from freeanimate_jax.pipelines.core import (
     guide,
     predict,
     report_step,
+    report_step_end,
 )
 from freeanimate_jax.pipelines.settings import GenerateSettings
 
@@ -63,6 +65,7 @@ class VideoDenoise:
     cfg: bool
     eta_noise: bool
     display: bool
+    step_end: bool = False  # each step's latents go to the host (callback_on_step_end)
 
 
 @compiled
@@ -98,8 +101,11 @@ def video_denoise(p: VideoDenoise, unet_state, cn_state, z: Array, ctx_c: Array,
         def body(z, x):
             t, i, cn_scale = x
             eps = guided(z, t, i, cn_scale)
-            return denoise_step(tables, eps, t, z, i, eta_noise=p.eta_noise, call=call,
-                                stream="eta/generate", runtime=rt), None
+            z = denoise_step(tables, eps, t, z, i, eta_noise=p.eta_noise, call=call,
+                             stream="eta/generate", runtime=rt)
+            if p.step_end:
+                report_step_end("denoise", i, t, z)
+            return z, None
 
         ts = jnp.asarray(ddim.timesteps(p.scheduler, p.steps))
         z0, _ = jax.lax.scan(body, z, (ts, *steps))
@@ -116,7 +122,10 @@ def video_denoise(p: VideoDenoise, unet_state, cn_state, z: Array, ctx_c: Array,
             noise = rt.constrain(frame_noise(call.seed, z.shape[0], z.shape[1:], z.dtype,
                                              "sampler/generate", i),
                                  ("frames",) + (None,) * (z.ndim - 1))
-        return samplers.step(sched, i, out, z, x0_prev, noise), None
+        z, x0_prev = samplers.step(sched, i, out, z, x0_prev, noise)
+        if p.step_end:
+            report_step_end("denoise", i, sched.model_t[i], z)
+        return (z, x0_prev), None
 
     (z0, _), _ = jax.lax.scan(sampler_body, (z, jnp.zeros_like(z)), steps)
     return z0
@@ -138,12 +147,14 @@ class Generate(Sampler):
         s = s or self.settings
         return make_windows(s.frames, s.context_length, s.context_stride)
 
-    def plan(self, s: GenerateSettings, controlled: bool) -> list[Step]:
-        """The stages of one call; `controlled`: control images go to the ControlNet."""
+    def plan(self, s: GenerateSettings, controlled: bool, step_end: bool = False
+             ) -> list[Step]:
+        """The stages of one call; `controlled`: control images go to the ControlNet;
+        `step_end`: the denoising scan reports each step's latents."""
         cn = self.graph("controlnet") if controlled else None
         program = VideoDenoise(self.graph("unet"), cn, self.runtime, self.models.scheduler,
                                s.scheduler, s.steps, s.frames, s.context_length, s.context_stride,
-                               s.window_batch, s.cfg, s.eta > 0, self.display)
+                               s.window_batch, s.cfg, s.eta > 0, self.display, step_end)
         return [self.text_step(s),
                 Step(self.stage("denoise", video_denoise, program, s.steps),
                      ("unet", "controlnet" if controlled else "no model", "noise", "ctx_c",
@@ -199,13 +210,15 @@ class Generate(Sampler):
     def __call__(self, prompt: str, size_hw: tuple[int, int], poses: np.ndarray | None = None,
                  *, latents: Array | np.ndarray | None = None,
                  prompt_embeds: Array | np.ndarray | None = None,
-                 negative_prompt_embeds: Array | np.ndarray | None = None, **settings: Any
-                 ) -> GenerateResult:
+                 negative_prompt_embeds: Array | np.ndarray | None = None,
+                 step_end: Callable[[int, Any, np.ndarray], None] | None = None,
+                 **settings: Any) -> GenerateResult:
         """`poses` (F, H, W, 3) uint8 at `size_hw` when a ControlNet is loaded; `latents`: the
         starting noise (F, H/8, W/8, 4), default `initial_latents`; `prompt_embeds` /
         `negative_prompt_embeds`: (1, 77, D) text embeddings used instead of encoding `prompt`
-        / `negative_prompt` (as diffusers'); `settings`: any `GenerateSettings` field, for this
-        call only."""
+        / `negative_prompt` (as diffusers'); `step_end(step, t, latents)`: called after each
+        denoising step with its new latents (F, h, w, C) on the host (a program of its own);
+        `settings`: any `GenerateSettings` field, for this call only."""
         s = self.settings.with_call(**settings)
         parallel.check_frames(s.frames, self.mesh, "generate")
         if poses is not None and len(poses) != s.frames:
@@ -215,7 +228,7 @@ class Generate(Sampler):
         host = self.host_inputs(self.token_ids(prompt, s.negative_prompt), size_hw, s,
                                 poses if controlled else None, latents)
         buffers = {**self.weights(), **{k: self.place(v, axis) for k, (v, axis) in host.items()}}
-        plan = self.plan(s, controlled)
+        plan = self.plan(s, controlled, step_end is not None)
         execute(plan[:1], buffers, self.progress, timings)  # the text encoder
         for name, arg, given in (("ctx_c", "prompt_embeds", prompt_embeds),
                                  ("ctx_u", "negative_prompt_embeds", negative_prompt_embeds)):
@@ -224,7 +237,8 @@ class Generate(Sampler):
                 if tuple(np.shape(given)) != want:
                     raise ValueError(f"{arg} of shape {tuple(np.shape(given))}; expected {want}")
                 buffers[name] = self.place(jnp.asarray(given, buffers[name].dtype), None)
-        execute(plan[1:], buffers, self.progress, timings)
+        execute(plan[1:], buffers, self.progress, timings,
+                step_end=None if step_end is None else lambda _, i, t, z: step_end(i, t, z))
         timings["total"] = sum(timings.values())
         return GenerateResult(self.to_host(buffers["frames"]), timings,
                               self.to_host(buffers["z0"]))

@@ -14,7 +14,7 @@ call-time setting is traced), so they give those classes' frames for the same se
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -138,13 +138,27 @@ class AnimateDiffPipeline(_Pipeline):
                  controlnet_conditioning_scale: float = 1.0, num_videos_per_prompt: int = 1,
                  output_type: str = "np", decode_chunk_size: int | None = None,
                  prompt_embeds: Any = None, negative_prompt_embeds: Any = None,
-                 return_latents: bool = False, seed: int | None = None, **settings: Any
-                 ) -> PipelineOutput:
+                 return_latents: bool = False, seed: int | None = None,
+                 callback_on_step_end: Callable[..., Any] | None = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+                 **settings: Any) -> PipelineOutput:
         """diffusers' AnimateDiffPipeline call: one video per `num_videos_per_prompt` (seeds
         seed, seed+1, ...); `latents` in diffusers' layout (1, C, F, h, w) scaled by the
         scheduler's `init_noise_sigma` as diffusers does; `conditioning_frames` (F, H, W, 3)
-        uint8 for a ControlNet; other `GenerateSettings` fields by name (e.g. context_length)."""
+        uint8 for a ControlNet; other `GenerateSettings` fields by name (e.g. context_length).
+
+        `callback_on_step_end(pipe, step, timestep, {"latents": (1, C, F, h, w)})` is called
+        after every denoising step, as in diffusers, with NumPy latents; it observes: what it
+        returns is not fed back (the loop is one compiled scan on the device)."""
         _check_output(output_type)
+        if set(callback_on_step_end_tensor_inputs) - {"latents"}:
+            raise ValueError(f"callback_on_step_end_tensor_inputs="
+                             f"{list(callback_on_step_end_tensor_inputs)}; expected ['latents']")
+        step_end = None
+        if callback_on_step_end is not None:
+            def step_end(i: int, t: Any, z: np.ndarray) -> None:
+                callback_on_step_end(self, i, t, {
+                    "latents": np.transpose(z, (3, 0, 1, 2))[None]})
         pipe = self.sampler()
         size = (height or 512, width or height or 512)
         kind = self._sync_scheduler()
@@ -158,7 +172,8 @@ class AnimateDiffPipeline(_Pipeline):
             z = None if latents is None else _to_ours(latents, num_frames)
             result = pipe(prompt, size, conditioning_frames, latents=z, seed=base + i,
                           prompt_embeds=prompt_embeds,
-                          negative_prompt_embeds=negative_prompt_embeds, **call)
+                          negative_prompt_embeds=negative_prompt_embeds, step_end=step_end,
+                          **call)
             videos.append(_video_out(result.frames, result.latents, output_type))
             finals.append(np.transpose(result.latents, (0, 3, 1, 2)))
         return PipelineOutput(videos, finals if return_latents else None)
