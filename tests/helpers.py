@@ -108,6 +108,21 @@ def process_env(devices: int, **extra: str) -> dict[str, str]:
     return env
 
 
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_snapshot(hub: Path, repo: str) -> Path:
+    """A repository's snapshot folder in a Hugging Face cache (`HF_HUB_CACHE`), laid out as
+    huggingface_hub writes it (refs/main -> snapshots/<commit>/): files put there are what an
+    offline `hf_hub_download` / `snapshot_download` of `repo` finds."""
+    root = hub / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(HUB_COMMIT)
+    snap = root / "snapshots" / HUB_COMMIT
+    snap.mkdir(parents=True, exist_ok=True)
+    return snap
+
+
 def free_port() -> int:
     """A free localhost port for a jax.distributed coordinator."""
     import socket

@@ -10,15 +10,11 @@ import sys
 import pytest
 
 from freeanimate_jax.weights.errors import WeightsError
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
+from tests.helpers import hub_snapshot
 
 
 def _seed(hub, repo: str, filename: str, data: bytes) -> None:
-    root = hub / f"models--{repo.replace('/', '--')}"
-    (root / "refs").mkdir(parents=True, exist_ok=True)
-    (root / "refs" / "main").write_text(COMMIT)
-    target = root / "snapshots" / COMMIT / filename
+    target = hub_snapshot(hub, repo) / filename
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(data)
 

@@ -31,7 +31,7 @@ from freeanimate_jax.models.clip_text import tokenize  # noqa: E402
 from freeanimate_jax.weights import cache, loader  # noqa: E402
 from freeanimate_jax.weights.pipeline import SDPipelineModels, load_pipeline  # noqa: E402
 from tests import tiny  # noqa: E402
-from tests.helpers import assert_parity, nchw_to_nhwc  # noqa: E402
+from tests.helpers import assert_parity, hub_snapshot, nchw_to_nhwc  # noqa: E402
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 VAE, SD15_SCHEDULER = tiny.VAE, tiny.SD15_SCHEDULER
@@ -183,12 +183,10 @@ def hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(hub))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
 
-    def publish(repo_id, folder, commit="0123456789abcdef0123456789abcdef01234567"):
-        repo = hub / f"models--{repo_id.replace('/', '--')}"
-        shutil.copytree(folder, repo / "snapshots" / commit)
-        (repo / "refs").mkdir(parents=True)
-        (repo / "refs" / "main").write_text(commit)
-        return repo / "snapshots" / commit
+    def publish(repo_id, folder):
+        snapshot = hub_snapshot(hub, repo_id)
+        shutil.copytree(folder, snapshot, dirs_exist_ok=True)
+        return snapshot
 
     return publish
 

@@ -137,3 +137,26 @@ def test_prompt_embeds_stand_for_the_prompt(demo_pipe):
     assert np.abs(cat - dog).max() > 1e-3
     with pytest.raises(ValueError, match=r"prompt_embeds of shape \(1, 5\); expected"):
         demo_pipe("a cat", prompt_embeds=np.zeros((1, 5)), **kw)
+
+
+def test_step_callbacks_on_a_mesh_see_the_whole_latents_in_order(demo_pipe):
+    """On 8 devices (frames sharded) the callback gets every step, in order, with the whole
+    video's latents: those of the one-device run."""
+    import jax
+
+    from freeanimate_jax import parallel
+
+    assert len(jax.devices()) == 8
+    sharded = fa.AnimateDiffPipeline.from_pretrained(
+        "builtin:tiny", motion_adapter="builtin:tiny", mesh=parallel.make_mesh())
+    kw = dict(num_frames=FRAMES, height=TINY_SIZE, width=TINY_SIZE, num_inference_steps=3,
+              guidance_scale=5.0, seed=1)
+    seen = {"one": [], "eight": []}
+    for name, pipe in (("one", demo_pipe), ("eight", sharded)):
+        pipe("a cat", callback_on_step_end=lambda p, i, t, k, name=name: seen[name].append(
+            (i, t, k["latents"])), **kw)
+    assert [(i, t) for i, t, _ in seen["eight"]] == [(i, t) for i, t, _ in seen["one"]]
+    assert [i for i, _, _ in seen["eight"]] == [0, 1, 2]
+    for (_, _, z8), (_, _, z1) in zip(seen["eight"], seen["one"], strict=True):
+        assert z8.shape == (1, 4, FRAMES, TINY_SIZE // 8, TINY_SIZE // 8)
+        assert_parity(z8, z1, "latents on 8 devices")  # summation order only

@@ -113,7 +113,7 @@ _DISPLAY = _Display()
 
 def report_step(name: str, step: Array) -> None:
     """Call inside a scan body of a program compiled with progress on: one host callback per
-    step (the only thing that leaves the device during a scan)."""
+    step (with `report_step_end`, the only things that leave the device during a scan)."""
     jax.debug.callback(partial(_show_step, name), step)
 
 
@@ -124,9 +124,12 @@ def _show_step(name: str, step: Any) -> None:
 
 def report_step_end(name: str, step: Array, t: Array, latents: Array) -> None:
     """Call inside a scan body of a program compiled with a step-end callback: the step's
-    index, timestep and new latents go to the host, in step order (diffusers'
-    `callback_on_step_end`, read-only: the scan's carry stays on the device)."""
-    jax.debug.callback(partial(_on_step_end, name), step, t, latents, ordered=True)
+    index, timestep and whole new latents go to the host, in step order (diffusers'
+    `callback_on_step_end`, read-only: the scan's carry stays on the device). An ordered
+    io_callback, not jax.debug's: its ordering holds on a mesh of several devices."""
+    from jax.experimental import io_callback
+
+    io_callback(partial(_on_step_end, name), None, step, t, latents, ordered=True)
 
 
 def _on_step_end(name: str, step: Any, t: Any, latents: Any) -> None:
@@ -150,6 +153,8 @@ def execute(plan: Sequence[Step], buffers: dict[str, Any], progress: Progress | 
             out = step.stage(*(buffers[k] for k in step.inputs))
             out = jax.block_until_ready(out)
             timings[step.name] = time.perf_counter() - clock
+            if step_end is not None:
+                jax.effects_barrier()  # the outputs can be ready before the last callback ran
             results = out if len(step.outputs) > 1 else (out,)
             for (key, _), value in zip(step.outputs, results, strict=True):
                 buffers[key] = value

@@ -148,8 +148,11 @@ class AnimateDiffPipeline(_Pipeline):
         uint8 for a ControlNet; other `GenerateSettings` fields by name (e.g. context_length).
 
         `callback_on_step_end(pipe, step, timestep, {"latents": (1, C, F, h, w)})` is called
-        after every denoising step, as in diffusers, with NumPy latents; it observes: what it
-        returns is not fed back (the loop is one compiled scan on the device)."""
+        after every denoising step, as in diffusers, with NumPy latents (once per video: with
+        `num_videos_per_prompt` > 1 the steps restart for each). It observes: what it returns
+        is not fed back (the loop is one compiled scan on the device). It runs inside a host
+        callback of that scan, so it must not call JAX (keep the latents, decode afterwards);
+        an exception in it ends the call as an XLA runtime error."""
         _check_output(output_type)
         if set(callback_on_step_end_tensor_inputs) - {"latents"}:
             raise ValueError(f"callback_on_step_end_tensor_inputs="
