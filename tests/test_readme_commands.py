@@ -192,9 +192,11 @@ def run(world, command: str, timeout: float = 900, **env) -> subprocess.Complete
 
 def start(world, command: str, **env) -> subprocess.Popen:
     clone, base_env = world
-    return subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=clone,
+    proc = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=clone,
                             env={**base_env, **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc.seen = ""
+    return proc
 
 
 def _video_frames(path: Path) -> int:
@@ -256,11 +258,13 @@ def _wait_for(proc: subprocess.Popen, pattern: str, timeout: float, until=None) 
     """Wait until a line of the process's output matches `pattern` or `until()` holds (True),
     or the process ends or the time runs out (False). Lines are matched whole: the output is
     read into a buffer kept on `proc.seen`."""
-    proc.seen = ""
-    deadline = time.monotonic() + timeout
-    os.set_blocking(proc.stdout.fileno(), False)
+    fd, deadline = proc.stdout.fileno(), time.monotonic() + timeout
+    os.set_blocking(fd, False)
     while time.monotonic() < deadline:
-        chunk = proc.stdout.read() or ""
+        try:
+            chunk = os.read(fd, 1 << 16).decode(errors="replace")
+        except BlockingIOError:  # nothing new yet
+            chunk = ""
         proc.seen += chunk
         lines = proc.seen.splitlines()[: proc.seen.count("\n")]  # complete lines only
         if any(re.search(pattern, line) for line in lines) or (until is not None and until()):
@@ -281,7 +285,7 @@ def _stop(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         rest, _ = proc.communicate()
-    return proc.returncode, getattr(proc, "seen", "") + (rest or "")
+    return proc.returncode, proc.seen + (rest or b"").decode(errors="replace")
 
 
 @pytest.mark.slow
@@ -290,8 +294,10 @@ def test_readme_fit_commands_get_to_the_compiler(world, command):
     """A full-size TPU compile takes tens of minutes on 2 cores (docs/PERFORMANCE.md): the
     command runs as written until its first stage is handed to the compiler."""
     proc = start(world, command)
-    started = _wait_for(proc, r"^\[fit\] .*compiling", timeout=600)
-    code, out = _stop(proc, timeout=60)
+    try:
+        started = _wait_for(proc, r"^\[fit\] .*compiling", timeout=600)
+    finally:  # whatever happened, no compile is left running
+        code, out = _stop(proc, timeout=60)
     assert started, f"exit {code}:\n{out[-3000:]}"
 
 
@@ -320,9 +326,11 @@ def test_readme_training_commands_run(world):
     # README says (SIGTERM saves and exits 0).
     log = clone / "runs" / "motion-v3" / "metrics.jsonl"
     proc = start(world, train)
-    started = _wait_for(proc, r"\bstep\b.*loss", timeout=900,
-                        until=lambda: log.is_file() and log.read_text().strip())
-    code, out = _stop(proc)
+    try:
+        started = _wait_for(proc, r"\bstep\b.*loss", timeout=900,
+                            until=lambda: log.is_file() and log.read_text().strip())
+    finally:
+        code, out = _stop(proc)
     assert started and code == 0, f"exit {code}:\n{out[-3000:]}"
     assert "SIGTERM: saved step" in out
     metrics = log.read_text().splitlines()
