@@ -41,6 +41,9 @@ MOTION_EXPECTED = ("an AnimateDiff motion module for SD 1.5: a diffusers MotionA
 # Selects the tiny random family of `freeanimate_jax.demo` (no download). Hub ids never contain
 # a colon, so it cannot shadow one.
 TINY_MODEL = "builtin:tiny"
+# The toy family trained on the toy world (`freeanimate_jax/toy`), shipped in the package:
+# model, controlnet and motion_module all name it; its files are hash-checked at load.
+TOY_MODEL = "builtin:toy"
 DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -423,6 +426,10 @@ def _validate(job: Job) -> None:
             (job.model == TINY_MODEL) != (job.controlnet == TINY_MODEL)):
         raise ConfigError(f"model={job.model!r} with controlnet={job.controlnet!r}; expected "
                           f"both or neither to be {TINY_MODEL!r} (the tiny demo family)")
+    for key in ("controlnet", "motion_module"):
+        if getattr(job, key) == TOY_MODEL != job.model:
+            raise ConfigError(f"{key}={TOY_MODEL!r} with model={job.model!r}; expected "
+                              f"model={TOY_MODEL!r} too: the toy family's parts fit only it")
     if job.motion_module == TINY_MODEL != job.model:
         raise ConfigError(f"motion_module={TINY_MODEL!r} with model={job.model!r}; expected "
                           f"model={TINY_MODEL!r} too: the tiny motion module fits only it")

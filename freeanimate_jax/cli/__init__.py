@@ -6,6 +6,8 @@
     freeanimate fit animate|generate --topology v5e-8 [options] [key=value ...]
     freeanimate train prepare-data|cache|run|export [options] [key=value ...]
     freeanimate poses VIDEO_OR_IMAGES --out DIR [options]
+    freeanimate eval SET_DIR --out TABLE.md          # toy-world videos against ground truth
+    freeanimate toy build|ablation [options]         # the toy family: train it, measure it
 
 One module per command (`animate`, `generate`, `fit`, `train`); what the video commands
 share, the run skeleton included, is `run`. Model assembly is the library's (`weights/assemble.py`).
@@ -29,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="FreeAnimate: animate a reference image with a pose sequence "
         "(Stable Diffusion 1.5 + openpose ControlNet, training-free); AnimateDiff text-to-video.")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{animate,generate,fit,train,poses}")
+                                metavar="{animate,generate,fit,train,poses,eval,toy}")
     animate.add_parser(sub)
     generate.add_parser(sub)
     sub.add_parser("fit", help="does a job fit a TPU slice? (run `freeanimate fit -h`)",
@@ -38,21 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("poses", help="poses from a driving video or images (run `freeanimate "
                    "poses -h`)", add_help=False)
+    sub.add_parser("eval", help="score toy-world videos against ground truth (run "
+                   "`freeanimate eval -h`)", add_help=False)
+    sub.add_parser("toy", help="train the toy family, run its ablation (run `freeanimate toy "
+                   "-h`)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `freeanimate` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "fit":  # everything after `fit` belongs to the fit command
-        fit = importlib.import_module("freeanimate_jax.cli.fit")
-        return int(fit.main(argv[1:]) or 0)
-    if argv and argv[0] == "poses":
-        poses = importlib.import_module("freeanimate_jax.cli.poses")
-        return int(poses.main(argv[1:]) or 0)
-    if argv and argv[0] == "train":
-        train = importlib.import_module("freeanimate_jax.cli.train")
-        return int(train.main(argv[1:]) or 0)
+    # Everything after these words belongs to that command's own parser.
+    if argv and argv[0] in ("fit", "poses", "train", "eval", "toy"):
+        module = importlib.import_module(f"freeanimate_jax.cli.{argv[0]}")
+        return int(module.main(argv[1:]) or 0)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may also sit between options, where argparse leaves them unparsed.

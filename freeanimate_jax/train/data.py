@@ -37,6 +37,13 @@ def source_of(job: TrainJob) -> Any:
 
         return SyntheticSource(num_videos=data.synthetic_videos,
                                num_frames=data.synthetic_frames, size=size)
+    if data.source == "toy":
+        from freeanimate_jax.toy.data import ToySource, open_prepared
+
+        if data.dir:
+            return open_prepared(data.dir, data.synthetic_videos, data.synthetic_frames, size)
+        return ToySource(num_videos=data.synthetic_videos, num_frames=data.synthetic_frames,
+                         size=size)
     if not data.dir:
         raise DataError(f"data.dir is empty for data.source={data.source}; expected the folder "
                         f"`freeanimate train prepare-data` (or `train cache`) wrote")

@@ -63,9 +63,11 @@ def _load_into(model: nnx.Module, saved: dict[str, Any], run: str | Path, what: 
 
 
 def trained_kind(saved: dict[str, Any]) -> str:
-    """What a run trained: "controlnet", "motion" (motion modules only) or "unet"."""
+    """What a run trained: "controlnet", "motion" (motion modules only), "vae" or "unet"."""
     if any(k.startswith("controlnet.") for k in saved):
         return "controlnet"
+    if any(k.startswith(("encoder.", "decoder.")) for k in saved):
+        return "vae"
     if all(".motion_modules." in f".{k}" for k in saved):
         return "motion"
     return "unet"
@@ -120,8 +122,29 @@ def model_from_run(run: str | Path, *, step: int | None = None, ema: bool = Fals
         flat[name] = value
     leaves = [flat[path_name(p)] for p, _ in jax.tree_util.tree_leaves_with_path(trained)]
     nnx.update(model, jax.tree.unflatten(jax.tree.structure(trained), leaves))
-    part = models.controlnet if kind == "controlnet" else models.unet
-    return part, dict(part.config), kind
+    part = {"controlnet": models.controlnet, "vae": models.vae}.get(kind, models.unet)
+    config = dict(part.config)
+    if kind == "vae":
+        config["scaling_factor"] = latent_scale(part, job)
+    return part, config, kind
+
+
+def latent_scale(vae: nnx.Module, job: Any, frames: int = 256) -> float:
+    """1 / std of the posterior means over the run's first training frames: the factor that
+    gives the diffusion model unit-variance latents (how SD's 0.18215 was chosen)."""
+    import numpy as np
+
+    from freeanimate_jax.train.data import source_of
+
+    source = source_of(job)
+    picked: list = []
+    for i in range(len(source)):
+        picked.extend(np.asarray(source[i]["frames"]))
+        if len(picked) >= frames:
+            break
+    x = jnp.asarray(np.stack(picked[:frames]), jnp.float32) / 127.5 - 1.0
+    mean, _ = nnx.jit(lambda v, x: v.encode(x))(vae, x)
+    return float(1.0 / jnp.std(mean))
 
 
 def export_run(run: str | Path, out: str | Path, *, layout: str = "diffusers",

@@ -40,11 +40,14 @@ class Models:
     tokenizer: Any
     adapter_config: dict | None
     controlnet: nnx.Module | None = None  # a ControlNet to train (with the UNet frozen)
+    objective: str = "diffusion"  # vae: the VAE is what trains (`train.objective`)
 
     @property
     def trained_model(self) -> nnx.Module:
         """The module the trainable pattern is matched in: the UNet, or with a ControlNet both
-        (paths `unet.` and `controlnet.`)."""
+        (paths `unet.` and `controlnet.`), or the VAE for the VAE objective."""
+        if self.objective == "vae":
+            return self.vae
         if self.controlnet is None:
             return self.unet
         return st.ControlledUNet(self.unet, self.controlnet)
@@ -73,8 +76,12 @@ def build_models(job: TrainJob, dtype: Any, *, abstract: bool = False) -> Models
     shapes = nnx.eval_shape if abstract else (lambda make: make())
     controlnet = None
     if job.controlnet:  # the config check allows it with train.motion=none only
-        controlnet = (shapes(lambda: st.new_controlnet(base.unet, seed=loop.seed))
+        controlnet = (shapes(lambda: st.new_controlnet(base.unet, seed=loop.seed,
+                                                         downscale=base.vae.downscale))
                       if job.controlnet == st.NEW or abstract else base.controlnet)
+    if loop.objective == "vae":
+        return Models(base.unet, None, base.vae, base.text_encoder, base.tokenizer, None,
+                      objective="vae")
     if loop.motion == "none" and not job.motion_module:
         st.set_remat(base.unet, loop)
         return Models(base.unet, None, base.vae, base.text_encoder, base.tokenizer, None,
@@ -121,7 +128,9 @@ class Trainer:
             raise DataError(f"controlnet training needs control images per frame; data.source="
                             f"{self.data_cfg.source} has none; expected rows with `condition` "
                             f"frames (the synthetic data has its shapes' masks)")
-        encoders = None if self.cached else (models.vae, models.text_encoder)
+        # The VAE objective trains the VAE on pixels: no frozen encoders run in its step.
+        vae_run = models.objective == "vae"
+        encoders = None if self.cached or vae_run else (models.vae, models.text_encoder)
         p = program.build(job, models.trained_model, encoders, mesh,
                           compute_dtype=compute_dtype, chip_bytes=_chip_bytes())
         self.program, self.graphdef, self.encoder_graphs = p, p.graphdef, p.encoder_graphs
@@ -129,7 +138,8 @@ class Trainer:
         self.state_shardings, self.step_fn = p.state_shardings, p.step
         replicated = parallel.replicated(mesh)
         self.frozen = parallel.put(p.frozen, replicated)
-        self.encoders = None if self.cached else parallel.put(p.encoder_states, replicated)
+        self.encoders = (None if p.encoder_states is None
+                         else parallel.put(p.encoder_states, replicated))
         self.state = parallel.put(st.init_state(p.trained, self.tx, self.optim),
                                   self.state_shardings)
         self.ckpt = checkpoint.Checkpoints(self.out / "checkpoints", keep=self.loop.ckpt_keep,
@@ -174,6 +184,9 @@ class Trainer:
                                    else bool(self.models.adapter.cfg.norm_per_frame)),
                 "unet_config": (dict(self.models.unet.config) if self.models.adapter is None
                                 else None),  # the image UNet an image-stage run trains
+                "objective": self.models.objective,
+                "vae_config": (dict(self.models.vae.config) if self.models.objective == "vae"
+                               else None),
                 "controlnet_config": (None if self.models.controlnet is None
                                       else dict(self.models.controlnet.config)),
                 "base": {"model": self.job.model, "motion_module": self.job.motion_module,

@@ -107,7 +107,8 @@ def build(job: TrainJob, model: nnx.Module, encoders: tuple | None, mesh: jax.sh
     cfg = sp.StepConfig(
         noise=noise, caption_dropout=data.caption_dropout, grad_accum=optim.grad_accum,
         seed=loop.seed, scaling_factor=float(getattr(vae, "scaling_factor", 0.18215)),
-        compute_dtype=compute_dtype, ema_decay=optim.ema_decay,
+        compute_dtype=compute_dtype, ema_decay=optim.ema_decay, objective=loop.objective,
+        kl_weight=loop.kl_weight,
         runtime=parallel.runtime(mesh, rules=parallel.DATA_RULES))
     n_trained = sum(x.size for x in jax.tree.leaves(trained))
     sharded = st.shard_state(loop, optim, n_trained, mesh.shape[parallel.DATA], chip_bytes)

@@ -10,17 +10,20 @@ import dataclasses
 import math
 from typing import List, Optional  # noqa: UP035 (omegaconf 2.3 wants typing's)
 
-DATA_SOURCES = ("frames", "bytes", "synthetic", "latents")
+DATA_SOURCES = ("frames", "bytes", "synthetic", "latents", "toy")
 SCHEDULES = ("constant", "cosine", "linear")
 REMAT = ("none", "full", "dots_no_batch")
 PREDICTIONS = ("epsilon", "v_prediction")
 LAYOUTS = ("v1", "v2", "v3", "none")
 STATE_SHARDING = ("replicate", "data", "auto")
+OBJECTIVES = ("diffusion", "vae")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "frames"  # frames | bytes (raw mp4) | synthetic | latents (the latent cache)
+    # frames | bytes (raw mp4) | synthetic | latents (the latent cache) | toy (the toy world,
+    # `freeanimate_jax.toy`: synthetic_videos clips of synthetic_frames frames)
+    source: str = "frames"
     dir: str = ""  # where the prepared dataset (or the latent cache) lives
     manual_dir: str = ""  # prepare-data: the WebVid-layout folder (results.csv + videos)
     frames: int = 16
@@ -64,6 +67,10 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
     trainable: str = "motion_modules"  # regex searched in each parameter's dotted path
+    # diffusion: the UNet (or ControlNet) learns to denoise; vae: the VAE learns to
+    # reconstruct frames, MSE + kl_weight x KL (`train.objective`; pixels only, no text)
+    objective: str = "diffusion"
+    kl_weight: float = 1e-6  # SD's VAE weight on the posterior's KL to N(0, I), per image
     # Layout of a new module (when motion_module is empty): v1 | v2 | v3; none: no motion
     # module, frames train as images (AnimateDiff's image stage, ControlNet training).
     motion: str = "v3"
@@ -122,6 +129,12 @@ def check(data: DataConfig, noise: NoiseConfig, optim: OptimConfig, loop: LoopCo
     need(optim.ema_decay is None or 0 < optim.ema_decay < 1, "optim.ema_decay",
          optim.ema_decay, "a number in (0, 1) or null")
     need(loop.motion in LAYOUTS, "train.motion", loop.motion, " | ".join(LAYOUTS))
+    need(loop.objective in OBJECTIVES, "train.objective", loop.objective,
+         " | ".join(OBJECTIVES))
+    need(loop.kl_weight >= 0, "train.kl_weight", loop.kl_weight, "0 or more")
+    need(loop.objective != "vae" or (loop.motion == "none" and data.source != "latents"),
+         "train.objective", loop.objective,
+         "vae with train.motion=none and pixel data (not data.source=latents)")
     need(loop.remat in REMAT, "train.remat", loop.remat, " | ".join(REMAT))
     need(loop.state_sharding in STATE_SHARDING, "train.state_sharding", loop.state_sharding,
          " | ".join(STATE_SHARDING))

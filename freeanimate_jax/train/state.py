@@ -95,13 +95,20 @@ def new_adapter(unet_config: Mapping[str, Any], layout: str, *, norm_per_frame: 
     return adapter
 
 
-def new_controlnet(unet: nnx.Module, *, seed: int = 0, dtype=jnp.float32) -> nnx.Module:
+def new_controlnet(unet: nnx.Module, *, seed: int = 0, dtype=jnp.float32,
+                   downscale: int = 8) -> nnx.Module:
     """A ControlNet for `unet` as diffusers' train_controlnet.py starts one (`from_unet`: the
-    encoder copied, zero convs zero), RGB condition images at the image size."""
+    encoder copied, zero convs zero), RGB condition images at the image size. `downscale`: the
+    VAE's factor; its condition embedding halves the image log2(downscale) times (SD's 8x:
+    diffusers' default channels 16, 32, 96, 256; a 4x VAE keeps the first three)."""
     from freeanimate_jax.models.controlnet import ControlNetModel, config_from_unet
     from freeanimate_jax.weights.loader import FrozenConfig
 
-    config = config_from_unet(unet.config)
+    halvings = int(downscale).bit_length() - 1
+    if downscale < 1 or 2**halvings != downscale or halvings > 3:
+        raise ValueError(f"VAE downscale {downscale}; expected 1, 2, 4 or 8")
+    config = config_from_unet(
+        unet.config, conditioning_embedding_out_channels=(16, 32, 96, 256)[:halvings + 1])
     net = ControlNetModel.from_unet(unet, config, rngs=nnx.Rngs(seed), param_dtype=dtype)
     net.config = FrozenConfig(config)
     return net

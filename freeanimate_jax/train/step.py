@@ -40,6 +40,8 @@ class StepConfig:
     scaling_factor: float = 0.18215
     compute_dtype: Any = jnp.float32
     ema_decay: float | None = None
+    objective: str = "diffusion"  # or "vae": the trained model is the VAE (`vae_loss_fn`)
+    kl_weight: float = 1e-6
     # The attention kernel and the data-parallel layout of the mesh (`parallel.runtime`): on a
     # TPU the flash kernel runs per shard, which only the layout can tell it.
     runtime: Runtime = DEFAULT_RUNTIME
@@ -82,6 +84,18 @@ def model_inputs(cfg: StepConfig, d: dict[str, Array], mean: Array, logstd: Arra
     return {"z0": z0, "noise": noise, "t": d["t"], "context": context}
 
 
+def vae_inputs(cfg: StepConfig, step: Array, pixels: Array, graphdef: Any, params: nnx.State,
+               frozen: nnx.State) -> tuple[dict[str, Array], dict[str, Array]]:
+    """The VAE objective's inputs: the frames and the posterior-sample noise for the whole
+    global batch (B, F, h, w, latent channels), drawn from the step's key like the diffusion
+    draws, so neither the device split nor micro-batching changes them."""
+    d = draws(cfg, step, pixels.shape[0])
+    vae = nnx.merge(graphdef, params, frozen)  # read at trace time for the latent shape only
+    b, f, h, w, _ = pixels.shape
+    shape = (b, f, h // vae.downscale, w // vae.downscale, vae.latent_channels)
+    return {"pixels": pixels, "eps": jax.random.normal(d["k_sample"], shape, jnp.float32)}, d
+
+
 def denoise(model: Any, zt: Array, t: Array, context: Array, cond: Array | None,
             runtime: Runtime = DEFAULT_RUNTIME) -> Array:
     """The prediction for noised clips `zt` (B, F, h, w, c), timesteps and text per clip. A
@@ -115,10 +129,31 @@ def loss_fn(params: nnx.State, frozen: nnx.State, graphdef: Any, inputs: dict[st
     return objective.mse(pred, tgt, weights)
 
 
+def vae_loss_fn(params: nnx.State, frozen: nnx.State, graphdef: Any,
+                inputs: dict[str, Array], alphas: Array, cfg: StepConfig) -> Array:
+    """The VAE objective on frames as images: MSE of the reconstruction of a posterior sample
+    (mean + std x eps) against the frame, plus `kl_weight` x the posterior's KL to N(0, I)
+    summed per image (diffusers' `DiagonalGaussianDistribution.kl`), averaged over images.
+    SD's own VAE adds LPIPS and a patch GAN; the toy world's flat colours need neither."""
+    del alphas
+    cast = jax.tree.map(lambda x: x.astype(cfg.compute_dtype), params)
+    vae = nnx.merge(graphdef, cast, frozen, copy=True)
+    x = rearrange(inputs["pixels"], "b f h w c -> (b f) h w c")
+    runtime = None if cfg.runtime == DEFAULT_RUNTIME else cfg.runtime
+    mean, logvar = vae.encode(x.astype(cfg.compute_dtype), runtime=runtime)
+    mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
+    eps = rearrange(inputs["eps"], "b f h w c -> (b f) h w c")
+    z = mean + jnp.exp(0.5 * logvar) * eps
+    rec = vae.decode(z.astype(cfg.compute_dtype), runtime=runtime).astype(jnp.float32)
+    mse = jnp.mean(jnp.square(rec - x.astype(jnp.float32)))
+    kl = 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))
+    return mse + cfg.kl_weight * jnp.mean(kl)
+
+
 def _grads(params, frozen, graphdef, inputs, alphas, cfg: StepConfig):
     """Loss and gradients, the batch in `grad_accum` micro-batches (equal sizes, so the mean
     of their means is the batch mean): only one micro-batch's activations live at a time."""
-    value_and_grad = jax.value_and_grad(loss_fn)
+    value_and_grad = jax.value_and_grad(vae_loss_fn if cfg.objective == "vae" else loss_fn)
     k = cfg.grad_accum
     if k == 1:
         return value_and_grad(params, frozen, graphdef, inputs, alphas, cfg)
@@ -142,10 +177,14 @@ def train_step(state: dict[str, Any], batch: dict[str, Array], frozen: nnx.State
     step = state["step"]
     if encoders is not None:
         encoders = tuple(nnx.merge(g, s) for g, s in zip(encoder_graphs, encoders, strict=True))
-    mean, logstd, context, empty = posterior(batch, encoders, cfg.runtime)
-    d = draws(cfg, step, mean.shape[0])
-    inputs = model_inputs(cfg, d, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(logstd),
-                          jax.lax.stop_gradient(context), jax.lax.stop_gradient(empty))
+    if cfg.objective == "vae":
+        inputs, d = vae_inputs(cfg, step, batch["pixels"], graphdef, state["params"], frozen)
+    else:
+        mean, logstd, context, empty = posterior(batch, encoders, cfg.runtime)
+        d = draws(cfg, step, mean.shape[0])
+        inputs = model_inputs(cfg, d, jax.lax.stop_gradient(mean),
+                              jax.lax.stop_gradient(logstd), jax.lax.stop_gradient(context),
+                              jax.lax.stop_gradient(empty))
     if "condition" in batch:  # ControlNet training: the frames' condition images
         inputs["cond"] = batch["condition"]
     loss, grads = _grads(state["params"], frozen, graphdef, inputs, alphas, cfg)

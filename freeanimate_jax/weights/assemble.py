@@ -74,6 +74,19 @@ def _load_motion(job: Job, dtype: Any) -> Any:
     return adapter
 
 
+def toy_paths(job: Job) -> Job:
+    """`job` with `builtin:toy` replaced by the shipped toy family's folders (pipeline,
+    controlnet/, motion_adapter/), after checking every shipped file's SHA-256."""
+    parts = {"model": "", "controlnet": "controlnet", "motion_module": "motion_adapter"}
+    if not any(getattr(job, k) == cfg.TOY_MODEL for k in parts):
+        return job
+    from freeanimate_jax.toy.family import verify
+
+    root = verify()
+    return dataclasses.replace(job, **{k: str(root / sub) for k, sub in parts.items()
+                                       if getattr(job, k) == cfg.TOY_MODEL})
+
+
 def fetch_hub_files(job: Job) -> Job:
     """`job` with every `hf://owner/repo/path` file (LoRAs, motion LoRAs, domain adapter, a
     motion-module or single-file base file) downloaded and replaced by its cached path."""
@@ -104,7 +117,7 @@ def load_models(job: Job, dtype: Any) -> Any:
     from freeanimate_jax.weights import lora
     from freeanimate_jax.weights.motion import merge_lora
 
-    job = fetch_hub_files(job)
+    job = fetch_hub_files(toy_paths(job))
     # Local files and the motion module first: a wrong one fails before SD's download.
     local = [("lora", s) for s in job.lora] + [("motion_lora", s) for s in job.motion_lora]
     if job.domain_adapter:

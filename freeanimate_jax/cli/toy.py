@@ -1,0 +1,163 @@
+"""`freeanimate toy`: the toy family, trained with `freeanimate train` on the toy world, and
+packed into the package.
+
+    freeanimate toy build --out runs/toy [STAGE:key=value ...]
+    freeanimate toy pack --out runs/toy [--to DIR]
+
+`build` makes a fresh family folder (`runs/toy/family`: random VAE and UNet, the tiny frozen
+CLIP) and trains it in four stages, each a runbook of `configs/` run by `freeanimate train run`
+and exported into the family: `vae` (configs/toy_vae.yaml), `unet` (toy_unet.yaml),
+`controlnet` (toy_controlnet.yaml), `motion` (toy_motion.yaml). A stage that finished is
+skipped; one that was stopped (Ctrl-C, SIGTERM, a lost machine) resumes from its last
+checkpoint, so the whole recipe can run across several sittings. Overrides go to one stage
+(`unet:train.max_steps=100`) or to all (`all:train.max_steps=2`).
+
+`pack` writes the trained family as fp16 safetensors into the package's `toy/weights` (at
+most 8 MiB) with SHA256SUMS, which `builtin:toy` checks at every load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+PROG = "freeanimate toy"
+STAGES = ("vae", "unet", "controlnet", "motion")
+# Where each stage's export lands in the family folder.
+EXPORT_TO = {"vae": "vae", "unet": "unet", "controlnet": "controlnet",
+             "motion": "motion_adapter"}
+DONE = "EXPORTED.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Train the toy model family on the toy "
+                                "world, stage by stage, and pack it into the package.")
+    sub = p.add_subparsers(dest="action", required=True)
+    b = sub.add_parser("build", help="train every stage (resumes; finished stages skip)")
+    b.add_argument("--out", default="runs/toy", metavar="DIR")
+    b.add_argument("--configs", default=None, metavar="DIR", help="where the toy_*.yaml "
+                   "runbooks are (default: the repository's configs/)")
+    b.add_argument("--stages", default=",".join(STAGES), help="comma-separated, in order")
+    b.add_argument("overrides", nargs="*", metavar="STAGE:key=value")
+    k = sub.add_parser("pack", help="the trained family -> fp16 safetensors + SHA256SUMS")
+    k.add_argument("--out", default="runs/toy", metavar="DIR", help="the build folder")
+    k.add_argument("--to", default=None, metavar="DIR", help="default: the package's "
+                   "toy/weights")
+    return p
+
+
+def _configs(folder: str | None) -> Path:
+    path = Path(folder) if folder else Path(__file__).resolve().parents[2] / "configs"
+    missing = [s for s in STAGES if not (path / f"toy_{s}.yaml").is_file()]
+    if missing:
+        raise ValueError(f"{path}: no toy_{missing[0]}.yaml; expected the repository's "
+                         f"configs/ folder (or --configs DIR) with the toy runbooks")
+    return path
+
+
+def _overrides(items: Sequence[str], stage: str) -> list[str]:
+    out = []
+    for item in items:
+        who, sep, kv = item.partition(":")
+        if not sep or "=" not in kv or who not in (*STAGES, "all"):
+            raise ValueError(f"override {item!r}; expected STAGE:key=value with STAGE one of "
+                             f"{', '.join(STAGES)} or all")
+        if who in (stage, "all"):
+            out.append(kv)
+    return out
+
+
+def stage_overrides(out: Path, stage: str, extra: Sequence[str]) -> list[str]:
+    family = out / "family"
+    mine = [f"model={family}", f"train.output_dir={out / stage}"]
+    return [*mine, *_overrides(extra, stage)]
+
+
+def build(args: argparse.Namespace) -> int:
+    from freeanimate_jax import config as cfg
+    from freeanimate_jax.cli import train as train_cli
+    from freeanimate_jax.toy.family import init_family
+    from freeanimate_jax.train.export import export_run
+
+    out = Path(args.out)
+    configs = _configs(args.configs)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"--stages {unknown[0]!r}; expected some of {', '.join(STAGES)}")
+    for stage in stages:  # every runbook and override is checked before any work
+        cfg.load_job(configs / f"toy_{stage}.yaml", stage_overrides(out, stage, args.overrides),
+                     schema=cfg.TrainJob)
+    if not (out / "family" / "model_index.json").is_file():
+        init_family(out / "family")
+        print(f"initialised a fresh toy family in {out / 'family'}", flush=True)
+    for stage in stages:
+        marker = out / stage / DONE
+        if marker.is_file():
+            print(f"[{stage}] done before ({marker}); skipped", flush=True)
+            continue
+        config = configs / f"toy_{stage}.yaml"
+        over = stage_overrides(out, stage, args.overrides)
+        job = cfg.load_job(config, over, schema=cfg.TrainJob)
+        max_steps = job.sections()[3].max_steps
+        print(f"[{stage}] {config.name}: training (resumes from its last checkpoint)",
+              flush=True)
+        t0 = time.perf_counter()
+        status = train_cli.main(["run", "--config", str(config), *over])
+        if status:
+            return status
+        step = _latest(out / stage)
+        if step != max_steps:
+            print(f"[{stage}] stopped at step {step} of {max_steps}; run the same command to "
+                  f"resume", flush=True)
+            return 0
+        target = out / "family" / EXPORT_TO[stage]
+        export_run(out / stage, target, overwrite=True,
+                   ema=job.sections()[2].ema_decay is not None)
+        marker.write_text(json.dumps({"step": step, "exported_to": str(target),
+                                      "ema": job.sections()[2].ema_decay is not None,
+                                      "seconds_this_sitting": time.perf_counter() - t0}) + "\n")
+        print(f"[{stage}] exported step {step} to {target}", flush=True)
+    print(f"the toy family is trained: {out / 'family'}; pack it with `{PROG} pack --out "
+          f"{out}`", flush=True)
+    return 0
+
+
+def _latest(run: Path) -> int | None:
+    from freeanimate_jax.train import checkpoint
+
+    ckpt = checkpoint.Checkpoints(run / "checkpoints", keep=1000, asynchronous=False)
+    try:
+        return ckpt.latest()
+    finally:
+        ckpt.close()
+
+
+def pack(args: argparse.Namespace) -> int:
+    from freeanimate_jax.toy.family import SHIPPED, pack_family
+
+    out = Path(args.out)
+    missing = [s for s in STAGES if not (out / s / DONE).is_file()]
+    if missing:
+        raise ValueError(f"{out}: stage {missing[0]} is not finished; expected `{PROG} build "
+                         f"--out {out}` to have exported every stage")
+    target = Path(args.to) if args.to else SHIPPED
+    total = pack_family(out / "family", target)
+    print(f"packed the toy family into {target}: {total / 2**20:.2f} MiB (fp16)")
+    return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    from freeanimate_jax.cli.run import EXIT_BAD_INPUT, USER_ERRORS
+    from freeanimate_jax.data.errors import DataError
+
+    try:
+        return build(args) if args.action == "build" else pack(args)
+    except (*USER_ERRORS, DataError, ValueError) as e:
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
