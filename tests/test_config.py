@@ -172,7 +172,8 @@ def test_to_dict_is_plain():
 RUNBOOKS = {"demo": AnimateJob, "sd15_animate": AnimateJob, "sd15_animate_long": AnimateJob,
             "demo_generate": GenerateJob, "animatediff_v2": GenerateJob,
             "animatediff_v3": GenerateJob, "train_motion_v3": TrainJob,
-            "train_motion_tiny": TrainJob}
+            "train_motion_tiny": TrainJob, "toy_vae": TrainJob, "toy_unet": TrainJob,
+            "toy_controlnet": TrainJob, "toy_motion": TrainJob}
 
 
 def test_every_runbook_is_tested():
@@ -317,3 +318,21 @@ def test_settings_and_config_import_no_jax():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_the_toy_family_parts_go_only_with_the_toy_model():
+    text = error_of(None, ["controlnet=builtin:toy"])
+    assert "model='builtin:toy'" in text and "expected" in text
+    text = error_of(None, ["motion_module=builtin:toy"], schema=GenerateJob)
+    assert "motion_module='builtin:toy'" in text
+    job = load_job(None, ["model=builtin:toy", "controlnet=builtin:toy"])
+    assert job.model == job.controlnet == "builtin:toy"
+
+
+def test_a_vae_objective_needs_an_image_run_on_pixels():
+    text = error_of(None, ["train.objective=vae"], schema=TrainJob)  # motion v3 by default
+    assert "train.objective" in text and "train.motion=none" in text
+    text = error_of(None, ["train.objective=vae", "train.motion=none", "data.source=latents"],
+                    schema=TrainJob)
+    assert "not data.source=latents" in text
+    assert "expected diffusion | vae" in error_of(None, ["train.objective=gan"], schema=TrainJob)
