@@ -80,18 +80,31 @@ def test_the_hash_check_names_the_damaged_file(packed, tmp_path, damage):
         family.verify(copy)
 
 
-def test_build_runs_a_stage_exports_it_and_skips_it_once_done(tmp_path, capsys):
+def test_build_trains_the_vae_stage_exports_it_and_skips_it_once_done(tmp_path, capsys):
+    import jax.numpy as jnp
+
+    from freeanimate_jax.toy.data import ToySource
+
     out = tmp_path / "toy"
     args = ["toy", "build", "--out", str(out), "--stages", "vae", "all:train.max_steps=2",
             "all:train.global_batch=8", "all:data.synthetic_videos=8",
             "all:data.synthetic_frames=1", "all:train.ckpt_every=2"]
-    before = export_state_dict(load_pipeline(family.init_family(tmp_path / "ref")).vae)
+    before = load_pipeline(family.init_family(tmp_path / "ref"))  # the same seed-0 family
     assert main(args) == 0
     done = json.loads((out / "vae" / "EXPORTED.json").read_text())
     assert done["step"] == 2
-    after = export_state_dict(load_pipeline(out / "family").vae)
-    changed = [k for k in before if not np.array_equal(before[k], after[k])]
-    assert len(changed) == len(before)  # every VAE weight trained (the family starts at seed 0)
+    trained = load_pipeline(out / "family")
+    old, new = export_state_dict(before.vae), export_state_dict(trained.vae)
+    assert all(not np.array_equal(old[k], new[k]) for k in old)  # every VAE weight trained
+    for part in ("unet", "text_encoder"):  # and nothing else
+        a, b = export_state_dict(getattr(before, part)), export_state_dict(getattr(trained, part))
+        assert all(np.array_equal(a[k], b[k]) for k in a), part
+    # The exported latent scale is 1 / std of the trained encoder's posterior means over the
+    # run's frames (its toy source: 8 videos x 1 frame), computed here independently.
+    src = ToySource(num_videos=8, num_frames=1, size=64)
+    frames = np.concatenate([src[i]["frames"] for i in range(8)]).astype(np.float32)
+    mean, _ = trained.vae.encode(jnp.asarray(frames / 127.5 - 1.0))
+    assert trained.vae.scaling_factor == pytest.approx(1.0 / float(jnp.std(mean)), rel=1e-4)
     capsys.readouterr()
     assert main(args) == 0
     assert "skipped" in capsys.readouterr().out

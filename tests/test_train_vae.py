@@ -1,7 +1,7 @@
 """The VAE objective (`train.objective=vae`) against diffusers: the loss and every VAE gradient
 of MSE(decode(mean + std x eps), x) + kl_weight x DiagonalGaussianDistribution.kl() equal a
-PyTorch step on the same AutoencoderKL; then a run trains only the VAE and exports it with
-its latent scale."""
+PyTorch step on the same AutoencoderKL. A run of it (`freeanimate toy build`'s first stage) is
+in tests/test_toy_family.py."""
 
 import jax
 import jax.numpy as jnp
@@ -63,35 +63,3 @@ def test_loss_and_every_vae_gradient_equal_diffusers(grads):
     for name, ref in grads["ref"].items():
         assert np.max(np.abs(ref)) > 0, f"{name}: zero reference gradient"
         assert_parity(grads["ours"][name], ref, f"grad {name}")
-
-
-def test_a_vae_run_trains_only_the_vae_and_exports_it_with_its_latent_scale(tmp_path):
-    from freeanimate_jax.cli.train import main as train_main
-    from freeanimate_jax.toy.data import ToySource
-    from freeanimate_jax.toy.family import init_family
-    from freeanimate_jax.weights.pipeline import load_pipeline
-
-    family = init_family(tmp_path / "family")
-    before = load_pipeline(family)
-    run = tmp_path / "run"
-    over = [f"model={family}", f"train.output_dir={run}", "train.max_steps=6",
-            "train.global_batch=8", "data.synthetic_videos=8", "data.synthetic_frames=2",
-            "train.ckpt_every=6", "optim.warmup_steps=0", "optim.lr=2e-3"]
-    assert train_main(["run", "--config", "configs/toy_vae.yaml", *over]) == 0
-    assert train_main(["export", "--run", str(run), "--out", str(tmp_path / "vae")]) == 0
-    vae = freeanimate_jax.load(tmp_path / "vae")
-    old = {k: v for k, v in export_state_dict(before.vae).items()}
-    new = export_state_dict(vae)
-    assert set(old) == set(new) and all(not np.array_equal(old[k], new[k]) for k in
-                                        ("encoder.conv_in.weight", "decoder.conv_out.weight"))
-    # The exported scale is 1 / std of the trained encoder's posterior means over the run's
-    # frames (the run's toy source: 8 videos x 2 frames), computed here independently.
-    src = ToySource(num_videos=8, num_frames=2, size=64)
-    frames = np.concatenate([src[i]["frames"] for i in range(8)]).astype(np.float32)
-    mean, _ = vae.encode(jnp.asarray(frames / 127.5 - 1.0))
-    assert vae.scaling_factor == pytest.approx(1.0 / float(jnp.std(mean)), rel=1e-4)
-    # The text encoder and UNet were not touched.
-    for part in ("unet", "text_encoder"):
-        a = export_state_dict(getattr(before, part))
-        b = export_state_dict(getattr(load_pipeline(family), part))
-        assert all(np.array_equal(a[k], b[k]) for k in a)
