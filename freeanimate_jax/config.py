@@ -426,10 +426,12 @@ def _validate(job: Job) -> None:
             (job.model == TINY_MODEL) != (job.controlnet == TINY_MODEL)):
         raise ConfigError(f"model={job.model!r} with controlnet={job.controlnet!r}; expected "
                           f"both or neither to be {TINY_MODEL!r} (the tiny demo family)")
-    for key in ("controlnet", "motion_module"):
-        if getattr(job, key) == TOY_MODEL != job.model:
-            raise ConfigError(f"{key}={TOY_MODEL!r} with model={job.model!r}; expected "
-                              f"model={TOY_MODEL!r} too: the toy family's parts fit only it")
+    for key in ("controlnet", "motion_module"):  # the toy parts fit only the toy model, and
+        value = getattr(job, key)                # the toy model only its own parts
+        if (value == TOY_MODEL) != (job.model == TOY_MODEL) and value not in ("",
+                                                                                NEW_CONTROLNET):
+            raise ConfigError(f"model={job.model!r} with {key}={value!r}; expected both or "
+                              f"neither to be {TOY_MODEL!r} (the toy family)")
     if job.motion_module == TINY_MODEL != job.model:
         raise ConfigError(f"motion_module={TINY_MODEL!r} with model={job.model!r}; expected "
                           f"model={TINY_MODEL!r} too: the tiny motion module fits only it")

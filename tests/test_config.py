@@ -320,11 +320,13 @@ def test_settings_and_config_import_no_jax():
     assert out == "[]"
 
 
-def test_the_toy_family_parts_go_only_with_the_toy_model():
+def test_the_toy_family_parts_go_only_with_the_toy_model_and_it_with_them():
     text = error_of(None, ["controlnet=builtin:toy"])
-    assert "model='builtin:toy'" in text and "expected" in text
+    assert "controlnet='builtin:toy'" in text and "expected both or neither" in text
     text = error_of(None, ["motion_module=builtin:toy"], schema=GenerateJob)
     assert "motion_module='builtin:toy'" in text
+    text = error_of(None, ["model=builtin:toy"])  # with SD's openpose ControlNet
+    assert "model='builtin:toy'" in text and "expected both or neither" in text
     job = load_job(None, ["model=builtin:toy", "controlnet=builtin:toy"])
     assert job.model == job.controlnet == "builtin:toy"
 
@@ -336,3 +338,6 @@ def test_a_vae_objective_needs_an_image_run_on_pixels():
                     schema=TrainJob)
     assert "not data.source=latents" in text
     assert "expected diffusion | vae" in error_of(None, ["train.objective=gan"], schema=TrainJob)
+    text = error_of(None, ["train.objective=vae", "train.motion=none", "val.every=10"],
+                    schema=TrainJob)
+    assert "val.every=10" in text and "expected 0" in text

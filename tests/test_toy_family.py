@@ -110,4 +110,11 @@ def test_build_trains_the_vae_stage_exports_it_and_skips_it_once_done(tmp_path, 
     assert "skipped" in capsys.readouterr().out
     assert main(["toy", "build", "--out", str(out), "--stages", "vea"]) == 2
     assert main(["toy", "build", "--out", str(out), "vae:train.nope=1"]) == 2
+    # Other settings into the same --out are refused, not silently skipped.
+    assert main([*args[:-1], "all:train.ckpt_every=1"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    # A later stage needs the earlier ones done in its --out.
+    assert main(["toy", "build", "--out", str(tmp_path / "other"), "--stages", "unet"]) == 2
+    assert "stage vae" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()  # refused before anything was written
     jax.clear_caches()

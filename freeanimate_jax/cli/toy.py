@@ -10,8 +10,9 @@ CLIP) and trains it in four stages, each a runbook of `configs/` run by `freeani
 and exported into the family: `vae` (configs/toy_vae.yaml), `unet` (toy_unet.yaml),
 `controlnet` (toy_controlnet.yaml), `motion` (toy_motion.yaml). A stage that finished is
 skipped; one that was stopped (Ctrl-C, SIGTERM, a lost machine) resumes from its last
-checkpoint, so the whole recipe can run across several sittings. Overrides go to one stage
-(`unet:train.max_steps=100`) or to all (`all:train.max_steps=2`).
+checkpoint, so the whole recipe can run across several sittings (a stopped stage exits 75).
+A stage's marker records its resolved job: other settings into the same --out are refused.
+Overrides go to one stage (`unet:train.max_steps=100`) or to all (`all:train.max_steps=2`).
 
 `pack` writes the trained family as fp16 safetensors into the package's `toy/weights` (at
 most 8 MiB) with SHA256SUMS, which `builtin:toy` checks at every load.
@@ -37,6 +38,7 @@ STAGES = ("vae", "unet", "controlnet", "motion")
 EXPORT_TO = {"vae": "vae", "unet": "unet", "controlnet": "controlnet",
              "motion": "motion_adapter"}
 DONE = "EXPORTED.json"
+STOPPED = 75  # a stage stopped before its last step (EX_TEMPFAIL): run the command again
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,29 +127,44 @@ def stage_overrides(out: Path, stage: str, extra: Sequence[str]) -> list[str]:
 def build(args: argparse.Namespace) -> int:
     from freeanimate_jax import config as cfg
     from freeanimate_jax.cli import train as train_cli
+    from freeanimate_jax.io import write_json_atomic
     from freeanimate_jax.toy.family import init_family
     from freeanimate_jax.train.export import export_run
 
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the runs record it: a later export works from anywhere
     configs = _configs(args.configs)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"--stages {unknown[0]!r}; expected some of {', '.join(STAGES)}")
-    for stage in stages:  # every runbook and override is checked before any work
+    stages = [s for s in STAGES if s in stages]  # always in the recipe's order
+    for stage in stages:  # every runbook, override and prerequisite is checked before any work
         cfg.load_job(configs / f"toy_{stage}.yaml", stage_overrides(out, stage, args.overrides),
                      schema=cfg.TrainJob)
+        missing = [s for s in STAGES[:STAGES.index(stage)]
+                   if s not in stages and not (out / s / DONE).is_file()]
+        if missing:
+            raise ValueError(f"stage {stage} trains on the output of stage {missing[0]}, which "
+                             f"is not done in {out}; expected --stages to include it first")
     if not (out / "family" / "model_index.json").is_file():
+        stale = [s for s in STAGES if (out / s / DONE).is_file()]
+        if stale:
+            raise ValueError(f"{out}: stage {stale[0]} is marked done but the family folder is "
+                             f"missing; expected a fresh --out (or the family it exported to)")
         init_family(out / "family")
         print(f"initialised a fresh toy family in {out / 'family'}", flush=True)
     for stage in stages:
         marker = out / stage / DONE
-        if marker.is_file():
-            print(f"[{stage}] done before ({marker}); skipped", flush=True)
-            continue
         config = configs / f"toy_{stage}.yaml"
         over = stage_overrides(out, stage, args.overrides)
         job = cfg.load_job(config, over, schema=cfg.TrainJob)
+        digest = _job_digest(job)
+        if marker.is_file():
+            if json.loads(marker.read_text()).get("job") != digest:
+                raise ValueError(f"{marker}: stage {stage} was exported with other settings; "
+                                 f"expected the same runbook and overrides, or a fresh --out")
+            print(f"[{stage}] done before ({marker}); skipped", flush=True)
+            continue
         max_steps = job.sections()[3].max_steps
         print(f"[{stage}] {config.name}: training (resumes from its last checkpoint)",
               flush=True)
@@ -156,20 +173,28 @@ def build(args: argparse.Namespace) -> int:
         if status:
             return status
         step = _latest(out / stage)
-        if step != max_steps:
-            print(f"[{stage}] stopped at step {step} of {max_steps}; run the same command to "
-                  f"resume", flush=True)
-            return 0
+        if step is None or step != max_steps:
+            print(f"[{stage}] stopped at step {step or 0} of {max_steps}; run the same command "
+                  f"to resume", flush=True)
+            return STOPPED
         target = out / "family" / EXPORT_TO[stage]
         export_run(out / stage, target, overwrite=True,
                    ema=job.sections()[2].ema_decay is not None)
-        marker.write_text(json.dumps({"step": step, "exported_to": str(target),
-                                      "ema": job.sections()[2].ema_decay is not None,
-                                      "seconds_this_sitting": time.perf_counter() - t0}) + "\n")
+        write_json_atomic(marker, {"step": step, "exported_to": str(target), "job": digest,
+                                   "ema": job.sections()[2].ema_decay is not None,
+                                   "seconds_this_sitting": time.perf_counter() - t0})
         print(f"[{stage}] exported step {step} to {target}", flush=True)
     print(f"the toy family is trained: {out / 'family'}; pack it with `{PROG} pack --out "
           f"{out}`", flush=True)
     return 0
+
+
+def _job_digest(job) -> str:
+    """What a stage's export depends on: its resolved job (runbook + overrides)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(job.to_dict(), sort_keys=True, default=str).encode()
+                          ).hexdigest()
 
 
 def _latest(run: Path) -> int | None:

@@ -130,8 +130,10 @@ def model_from_run(run: str | Path, *, step: int | None = None, ema: bool = Fals
 
 
 def latent_scale(vae: nnx.Module, job: Any, frames: int = 256) -> float:
-    """1 / std of the posterior means over the run's first training frames: the factor that
-    gives the diffusion model unit-variance latents (how SD's 0.18215 was chosen)."""
+    """1 / std of the posterior means over the run's first `frames` training frames (stored
+    at the training size): the factor that gives the diffusion model unit-variance latents,
+    as SD's 0.18215 was chosen (LDM measured posterior samples; with a narrow posterior the
+    two agree closely)."""
     import numpy as np
 
     from freeanimate_jax.train.data import source_of
@@ -139,11 +141,16 @@ def latent_scale(vae: nnx.Module, job: Any, frames: int = 256) -> float:
     source = source_of(job)
     picked: list = []
     for i in range(len(source)):
-        picked.extend(np.asarray(source[i]["frames"]))
+        row = source[i]
+        if "frames" not in row:
+            raise DataError(f"data.source={job.sections()[0].source} stores no decoded frames; "
+                            f"expected toy, synthetic or frames data to estimate the VAE's "
+                            f"latent scale from")
+        picked.extend(np.asarray(row["frames"]))
         if len(picked) >= frames:
             break
     x = jnp.asarray(np.stack(picked[:frames]), jnp.float32) / 127.5 - 1.0
-    mean, _ = nnx.jit(lambda v, x: v.encode(x))(vae, x)
+    mean, _ = nnx.jit(lambda v, x: v.encode(x, chunk=16))(vae, x)
     return float(1.0 / jnp.std(mean))
 
 

@@ -70,7 +70,10 @@ class LoopConfig:
     # diffusion: the UNet (or ControlNet) learns to denoise; vae: the VAE learns to
     # reconstruct frames, MSE + kl_weight x KL (`train.objective`; pixels only, no text)
     objective: str = "diffusion"
-    kl_weight: float = 1e-6  # SD's VAE weight on the posterior's KL to N(0, I), per image
+    # Weight of the posterior's KL to N(0, I), summed per image, against the per-pixel MEAN
+    # squared error. SD's 1e-6 weighs a per-image SUM of errors, so the same number here is
+    # H x W x 3 times stronger than SD's (12,288x at 64x64).
+    kl_weight: float = 1e-6
     # Layout of a new module (when motion_module is empty): v1 | v2 | v3; none: no motion
     # module, frames train as images (AnimateDiff's image stage, ControlNet training).
     motion: str = "v3"
@@ -135,6 +138,8 @@ def check(data: DataConfig, noise: NoiseConfig, optim: OptimConfig, loop: LoopCo
     need(loop.objective != "vae" or (loop.motion == "none" and data.source != "latents"),
          "train.objective", loop.objective,
          "vae with train.motion=none and pixel data (not data.source=latents)")
+    need(loop.objective != "vae" or val.every == 0, "val.every", val.every,
+         "0 with train.objective=vae (validation samples videos; a VAE run has no sampler)")
     need(loop.remat in REMAT, "train.remat", loop.remat, " | ".join(REMAT))
     need(loop.state_sharding in STATE_SHARDING, "train.state_sharding", loop.state_sharding,
          " | ".join(STATE_SHARDING))
