@@ -155,6 +155,17 @@ def _builder_class():
     return ToyConfig, ToyWorld
 
 
+def _builder(data_dir: str, kind: str, size: int, num_videos: int, num_frames: int,
+             seed: int):
+    """The ToyWorld builder of one config; its name holds every setting that changes what is
+    stored, so variants live side by side under one data dir."""
+    config_cls, builder_cls = _builder_class()
+    name = f"{kind}_{size}px_{num_videos}x{num_frames}f_seed{seed}"
+    return builder_cls(data_dir=str(data_dir), config=config_cls(
+        name=name, kind=kind, size=size, num_videos=num_videos, num_frames=num_frames,
+        seed=seed))
+
+
 def prepare(data_dir: str, kind: str = "video", *, size: int = 64, num_videos: int = 512,
             num_frames: int | None = None, seed: int = 0):
     """Write a config of the toy world under `data_dir` as ArrayRecord (reused if there)."""
@@ -163,11 +174,7 @@ def prepare(data_dir: str, kind: str = "video", *, size: int = 64, num_videos: i
     if kind not in KINDS:
         raise DataError(f"toy kind {kind!r}; expected one of {', '.join(KINDS)}")
     frames = num_frames if num_frames is not None else (16 if kind == "video" else 1)
-    config_cls, builder_cls = _builder_class()
-    name = f"{kind}_{size}px_{num_videos}x{frames}f_seed{seed}"
-    cfg = config_cls(name=name, kind=kind, size=size, num_videos=num_videos,
-                     num_frames=frames, seed=seed)
-    builder = builder_cls(data_dir=str(data_dir), config=cfg)
+    builder = _builder(data_dir, kind, size, num_videos, frames, seed)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False),
         file_format="array_record")
@@ -177,12 +184,9 @@ def prepare(data_dir: str, kind: str = "video", *, size: int = 64, num_videos: i
 def open_prepared(data_dir: str, num_videos: int, num_frames: int, size: int,
                   kind: str = "video", seed: int = 0):
     """The prepared `train` split of a toy config as a random-access source."""
-    config_cls, builder_cls = _builder_class()
-    name = f"{kind}_{size}px_{num_videos}x{num_frames}f_seed{seed}"
-    builder = builder_cls(data_dir=str(data_dir), config=config_cls(
-        name=name, kind=kind, size=size, num_videos=num_videos, num_frames=num_frames,
-        seed=seed))
+    builder = _builder(data_dir, kind, size, num_videos, num_frames, seed)
     if not builder.is_prepared():
-        raise DataError(f"no prepared toy dataset {name} under {data_dir}; expected "
+        raise DataError(f"no prepared toy dataset {builder.builder_config.name} under "
+                        f"{data_dir}; expected "
                         f"`freeanimate_jax.toy.data.prepare` to have written it")
     return builder.as_data_source("train")
