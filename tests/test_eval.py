@@ -116,3 +116,40 @@ def test_eval_refuses_a_set_naming_a_missing_video(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.npz" in err[0] and "expected" in err[0]
     assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_rows_differ_only_beyond_twice_their_spread_over_seeds(tmp_path):
+    from freeanimate_jax.eval.table import differences, markdown, score_set
+
+    case = data.Case(world.Appearance("red", "blue", "tan", "brown", "grey"), "wave", 4, 4, 64)
+    truth = case.video()
+    sign = np.array([1, -1, 1, -1])[:, None, None, None]  # every channel stays in 0..255
+
+    def flicker(c):
+        return (truth.astype(int) + c * sign).astype(np.uint8)
+
+    # Per clip (one case here), two sampling seeds; temporal error = 2c/255 per video.
+    rows = {"truth": (0, 0), "steady": (4, 8), "unsteady": (2, 18)}
+    cases = []
+    for seed in (0, 1):
+        videos = {}
+        for row, cs in rows.items():
+            write_video(tmp_path / f"{row}{seed}.npz", flicker(cs[seed]), 8)
+            videos[row] = f"{row}{seed}.npz"
+        cases.append({"name": f"c-s{seed}", "case": case.to_dict(), "videos": videos})
+    (tmp_path / "set.json").write_text(json.dumps({"rows": list(rows), "cases": cases}))
+    result = score_set(tmp_path)
+    te = "temporal_error"
+    # The spread over seeds: the std of (2 * 4, 2 * 8) / 255 and of (2 * 2, 2 * 18) / 255.
+    assert result["seed_spread"]["steady"][te] == pytest.approx(4 / 255)
+    assert result["seed_spread"]["unsteady"][te] == pytest.approx(16 / 255)
+    diff = differences(result, "truth")
+    # steady: 12/255 worse, beyond 2 x 4/255; unsteady: 20/255 worse, within 2 x 16/255.
+    assert diff["steady"][te]["delta"] == pytest.approx(12 / 255)
+    assert diff["steady"][te]["verdict"] == "worse"
+    assert diff["unsteady"][te]["verdict"] == "within spread"
+    assert diff["truth"][te]["verdict"] == "within spread"
+    text = markdown({**result, "baseline": "truth", "differences": diff})
+    said = {line.split(":")[0]: line for line in text.splitlines() if line.startswith("- ")}
+    assert set(said) == {"- steady", "- unsteady"} and "| steady | 2 |" in text
+    assert "temporal err" in said["- steady"] and "temporal err" not in said["- unsteady"]

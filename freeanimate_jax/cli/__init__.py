@@ -1,7 +1,7 @@
 """`freeanimate`: the command line (also `python -m freeanimate_jax`).
 
     freeanimate animate --reference IMG --poses PATH --out OUT.mp4 [options] [key=value ...]
-    freeanimate animate --demo --out demo.mp4       # tiny built-in models, no download
+    freeanimate animate --demo --out demo.mp4       # the built-in toy models, no download
     freeanimate generate --prompt TEXT --out OUT.mp4 [options] [key=value ...]
     freeanimate fit animate|generate --topology v5e-8 [options] [key=value ...]
     freeanimate train prepare-data|cache|run|export [options] [key=value ...]

@@ -1,7 +1,7 @@
 """`freeanimate animate`: reference image + poses (+ prompt) -> video with FreeAnimate.
 
     freeanimate animate --reference IMG --poses PATH --out OUT.mp4 [options] [key=value ...]
-    freeanimate animate --demo --out demo.mp4       # tiny built-in models, no download
+    freeanimate animate --demo --out demo.mp4       # the built-in toy models, no download
 
 Sizes: the reference is letterboxed to the model size and the poses likewise; the video is cut
 back to the reference's aspect (`crop_box`) at the reference's own resolution, but never larger
@@ -20,13 +20,8 @@ from freeanimate_jax.cli import run
 from freeanimate_jax.config import AnimateJob
 from freeanimate_jax.io import crop_box, letterbox, load_image
 from freeanimate_jax.io.images import InputError
-from freeanimate_jax.pose import (
-    PoseError,
-    demo_keypoints,
-    demo_reference,
-    load_poses,
-    render_sequence,
-)
+from freeanimate_jax.pose import PoseError, load_poses
+from freeanimate_jax.toy.data import demo_case
 
 DEMO_FRAMES = 16
 
@@ -47,8 +42,8 @@ def add_parser(sub: Any) -> None:
                    "`freeanimate poses` for the options)")
     a.add_argument("--controlnet", metavar="ID|DIR", help="openpose ControlNet folder or hub id")
     a.add_argument("--frames", type=int, metavar="N", help="use only the first N poses")
-    run.add_job_options(a, AnimateJob, "built-in tiny models and demo inputs: no download, no "
-                        "--reference/--poses needed")
+    run.add_job_options(a, AnimateJob, "the built-in toy models animate a held-out toy figure "
+                        "through a held-out motion: no download, no --reference/--poses needed")
 
 
 def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
@@ -66,10 +61,11 @@ def _load_inputs(args: argparse.Namespace, job: AnimateJob, say: Callable[[str],
     if not args.demo and (args.reference is None or args.poses is None):
         raise InputError("missing --reference IMG and/or --poses PATH; expected both "
                          "(or --demo for the built-in example)")
+    demo = demo_case(DEMO_FRAMES, max(size_hw))  # the toy world's held-out figure and motion
     if args.reference is not None:
         reference = load_image(args.reference)
     else:
-        reference = demo_reference(size_hw)
+        reference = demo.reference()
     if args.poses is not None and args.detect:
         from freeanimate_jax.pose.detect import detected_pose_frames
 
@@ -78,7 +74,7 @@ def _load_inputs(args: argparse.Namespace, job: AnimateJob, say: Callable[[str],
     elif args.poses is not None:
         poses = load_poses(args.poses, size_hw)
     else:
-        poses = render_sequence(demo_keypoints(DEMO_FRAMES, size_hw), size_hw)
+        poses = demo.poses(size_hw)
     if len(poses) == 0:
         raise PoseError(f"{args.poses}: 0 pose frames; expected at least one")
     if job.frames is not None:

@@ -3,7 +3,7 @@
     freeanimate generate --prompt TEXT --out OUT.mp4 [--model ID|DIR|FILE.safetensors]
         [--motion-module ID|DIR|FILE] [--motion-lora FILE[:SCALE]] [--domain-adapter FILE[:SCALE]]
         [--lora FILE[:SCALE]] [--controlnet ID|DIR --poses PATH] [--config FILE] [key=value ...]
-    freeanimate generate --demo --out demo.mp4     # tiny built-in models, no download
+    freeanimate generate --demo --out demo.mp4     # the built-in toy models, no download
 
 Models are assembled by `weights/assemble.py` (as for `animate`, which takes a motion module
 too); outputs, errors, progress and the compilation cache behave as for `animate`.
@@ -22,7 +22,8 @@ from freeanimate_jax import config as cfg
 from freeanimate_jax.cli import run
 from freeanimate_jax.config import GenerateJob
 from freeanimate_jax.io import InputError
-from freeanimate_jax.pose import PoseError, demo_keypoints, load_poses, render_sequence
+from freeanimate_jax.pose import PoseError, load_poses
+from freeanimate_jax.toy.data import demo_case
 
 
 def add_parser(sub: Any) -> None:
@@ -38,8 +39,9 @@ def add_parser(sub: Any) -> None:
                    "(with --poses)")
     g.add_argument("--poses", metavar="PATH", help="control frames for --controlnet: OpenPose "
                    "JSON file/folder, skeleton image(s) or video (the first generate.frames)")
-    run.add_job_options(g, GenerateJob, "built-in tiny models (SD family and motion module): "
-                        "no download; 16 frames at 64x64")
+    run.add_job_options(g, GenerateJob, "the built-in toy models (SD family and motion "
+                        "module) make a toy figure from a caption: no download; 16 frames at "
+                        "64x64")
 
 
 def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
@@ -61,7 +63,7 @@ def _poses(args: argparse.Namespace, job: GenerateJob, frames: int) -> np.ndarra
                              "(config key controlnet)")
         return None
     if args.poses is None:
-        return render_sequence(demo_keypoints(frames, job.size_hw), job.size_hw)
+        return demo_case(frames, max(job.size_hw)).poses(job.size_hw)  # the toy's motion
     poses = load_poses(args.poses, job.size_hw)
     if len(poses) < frames:
         raise PoseError(f"{args.poses}: {len(poses)} pose frames for generate.frames={frames}; "

@@ -71,8 +71,9 @@ def ablation(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from freeanimate_jax import config as cfg
-    from freeanimate_jax.eval.ablation import held_out_cases, run_ablation
+    from freeanimate_jax.eval.ablation import run_ablation
     from freeanimate_jax.pipelines.settings import AnimateSettings
+    from freeanimate_jax.toy.data import held_out_cases
     from freeanimate_jax.weights.assemble import load_models
 
     for name in ("appearances", "seeds", "frames", "steps"):

@@ -81,13 +81,54 @@ def score_set(folder: str | Path) -> dict[str, Any]:
                 raise DataError(f"{folder / video}: frames of shape {frames.shape}; expected "
                                 f"{truth.shape} (the case's frames and size)")
             per_video.append({"case": c.get("name", ""), "row": row,
+                              "clip": json.dumps(c["case"], sort_keys=True),
                               "metrics": metrics.evaluate(frames, truth, parts, colors)})
     rows = list(spec.get("rows") or dict.fromkeys(v["row"] for v in per_video))
-    summary = {}
+    summary, spread = {}, {}
     for row in rows:
-        got = [v["metrics"] for v in per_video if v["row"] == row]
-        summary[row] = {m: _stats([g[m] for g in got]) for m in metrics.METRICS}
-    return {"rows": rows, "per_video": per_video, "summary": summary}
+        got = [v for v in per_video if v["row"] == row]
+        summary[row] = {m: _stats([g["metrics"][m] for g in got]) for m in metrics.METRICS}
+        spread[row] = {m: _seed_spread(got, m) for m in metrics.METRICS}
+    return {"rows": rows, "per_video": per_video, "summary": summary, "seed_spread": spread}
+
+
+def _seed_spread(videos: list[dict], metric: str) -> float | None:
+    """The spread over seeds: the standard deviation of a metric across the videos of one
+    clip (same appearance, motion and clip, other sampling seeds), averaged over clips; None
+    where no clip has two seeds."""
+    by_clip: dict[str, list[float]] = {}
+    for v in videos:
+        if math.isfinite(v["metrics"][metric]):
+            by_clip.setdefault(v["clip"], []).append(v["metrics"][metric])
+    stds = [float(np.std(x)) for x in by_clip.values() if len(x) > 1]
+    return float(np.mean(stds)) if stds else None
+
+
+def spread(result: dict[str, Any], row: str, metric: str) -> float:
+    """The row's spread over seeds, or its standard deviation over videos where the set has
+    one seed per clip."""
+    s = result.get("seed_spread", {}).get(row, {}).get(metric)
+    return result["summary"][row][metric][1] if s is None else s
+
+
+def differences(result: dict[str, Any], base: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every row against `base`, per metric: the difference of means, the threshold (twice
+    the larger of the two rows' spreads over seeds) and the verdict: "better", "worse" or
+    "within spread" (a difference counts only beyond the threshold)."""
+    out = {}
+    for row in result["rows"]:
+        out[row] = {}
+        for m in metrics.METRICS:
+            delta = result["summary"][row][m][0] - result["summary"][base][m][0]
+            limit = 2 * max(spread(result, row, m), spread(result, base, m))
+            good = -delta if m not in metrics.HIGHER_IS_BETTER else delta
+            if m == "flicker_ratio":  # 1 is the truth's: closer to 1 is better
+                good = abs(result["summary"][base][m][0] - 1) - abs(
+                    result["summary"][row][m][0] - 1)
+            verdict = "within spread" if abs(delta) <= limit or not math.isfinite(delta) \
+                else ("better" if good > 0 else "worse")
+            out[row][m] = {"delta": delta, "threshold": limit, "verdict": verdict}
+    return out
 
 
 def _stats(values: list[float]) -> tuple[float, float, int]:
@@ -98,13 +139,25 @@ def _stats(values: list[float]) -> tuple[float, float, int]:
 
 
 def markdown(result: dict[str, Any], columns: tuple[str, ...] = metrics.METRICS) -> str:
-    """The summary as a markdown table: mean ± standard deviation over the row's videos."""
+    """The summary as a markdown table: the mean over the row's videos ± `spread`."""
     head = "| method | n | " + " | ".join(LABELS[c][0] for c in columns) + " |"
     lines = [head, "|" + "---|" * (len(columns) + 2)]
     for row in result["rows"]:
         s = result["summary"][row]
         n = s[columns[0]][2]
-        cells = [f"{s[c][0]:.3f} ± {s[c][1]:.3f}" for c in columns]
+        cells = [f"{s[c][0]:.3f} ± {spread(result, row, c):.3f}" for c in columns]
         lines.append(f"| {row} | {n} | " + " | ".join(cells) + " |")
     key = "; ".join(f"{LABELS[c][0]}: {LABELS[c][1]}" for c in columns)
-    return "\n".join(lines) + f"\n\nColumns: {key}.\n"
+    text = "\n".join(lines) + f"\n\nMean ± spread over seeds. Columns: {key}.\n"
+    if result.get("baseline"):  # with its `differences`, set where a row is the baseline
+        base = result["baseline"]
+        text += f"\nAgainst {base} (counted only beyond twice the larger spread over seeds):\n\n"
+        for row, d in result["differences"].items():
+            if row == base:
+                continue
+            said = [f"{verdict} on " + ", ".join(LABELS[m][0] for m in columns
+                                                 if d[m]["verdict"] == verdict)
+                    for verdict in ("better", "worse")
+                    if any(d[m]["verdict"] == verdict for m in columns)]
+            text += f"- {row}: {'; '.join(said) or 'within spread on every metric'}\n"
+    return text

@@ -45,8 +45,21 @@ class Case:
     def parts(self) -> np.ndarray:
         return world.part_maps(self.keypoints(), (self.size, self.size))
 
-    def poses(self) -> np.ndarray:
-        return world.pose_images(self.keypoints_units(), (self.size, self.size))
+    def poses(self, size_hw: tuple[int, int] | None = None) -> np.ndarray:
+        """The clip's openpose skeletons, (F, H, W, 3) uint8, at the case's size (or letterboxed
+        to `size_hw`, as a keypoint JSON of a square canvas loads)."""
+        return world.pose_images(self.keypoints_units(), size_hw or (self.size, self.size))
+
+    def reference(self, size: int | None = None) -> np.ndarray:
+        """The case's figure standing at rest where the clip's figure stands, (S, S, 3) uint8:
+        the reference image that animating the clip starts from."""
+        first = self.keypoints_units()[0]
+        hip = (first[8, :2] + first[11, :2]) / 2  # r_hip, l_hip
+        height = float(np.linalg.norm(first[1, :2] - hip)) / motions.TORSO  # neck-to-hip
+        rest = motions.keypoints(motions.Skeleton(hip_x=float(hip[0]), hip_y=float(hip[1])),
+                                 height)
+        hw = (size or self.size,) * 2
+        return world.render_frame(world.to_pixels(rest, hw), self.appearance, hw)
 
     def to_dict(self) -> dict:
         return {"appearance": dataclasses.asdict(self.appearance), "motion": self.motion,
@@ -71,6 +84,32 @@ def case(split: str, seed: int, index: int, frames: int, size: int) -> Case:
     pool = motions.TRAIN_MOTIONS if split == "train" else tuple(motions.MOTIONS)
     motion = pool[int(rng.integers(len(pool)))]
     return Case(appearance, motion, int(rng.integers(2**31)), frames, size)
+
+
+def held_out_cases(appearances: int = 8, motion_names: tuple[str, ...] = (
+        motions.HELD_OUT_MOTION, "wave"), seeds: tuple[int, ...] = (0, 1, 2),
+        frames: int = 16, size: int = 64) -> list[tuple[str, Case, int]]:
+    """(name, case, sampling seed): one appearance per held-out outfit (skin, hair and
+    background drawn from a fixed stream), each doing each motion, each sampled with each
+    seed; the clip itself (speed, phase, size) is fixed per (appearance, motion)."""
+    rng = np.random.default_rng(2024)
+    pool = world.all_appearances(held_out=True)
+    out = []
+    for a in range(appearances):
+        shirt, trousers = world.HELD_OUT_OUTFITS[a % len(world.HELD_OUT_OUTFITS)]
+        options = [p for p in pool if (p.shirt, p.trousers) == (shirt, trousers)]
+        appearance = options[int(rng.integers(len(options)))]
+        for m in motion_names:
+            c = Case(appearance, m, 1000 + a, frames, size)
+            for s in seeds:
+                out.append((f"a{a}-{m}-s{s}", c, s))
+    return out
+
+
+def demo_case(frames: int = 16, size: int = 64) -> Case:
+    """The demos' case: the held-out set's first appearance (an outfit never trained on) doing
+    the held-out motion, the ablation's `a0-jumping_jacks`."""
+    return held_out_cases(1, (motions.HELD_OUT_MOTION,), (0,), frames, size)[0][1]
 
 
 def row(c: Case, videoid: str, condition: bool = True) -> dict:

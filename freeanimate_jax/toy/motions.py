@@ -17,7 +17,7 @@ import numpy as np
 from freeanimate_jax.pose.keypoints import KEYPOINT_NAMES
 
 # Bone lengths in units of the figure's height (head top to feet, about 0.8 of the canvas).
-_TORSO, _NECK_HEAD, _UPPER_ARM, _FOREARM, _THIGH, _SHIN = 0.32, 0.12, 0.16, 0.15, 0.21, 0.21
+TORSO, _NECK_HEAD, _UPPER_ARM, _FOREARM, _THIGH, _SHIN = 0.32, 0.12, 0.16, 0.15, 0.21, 0.21
 _SHOULDER, _HIP = 0.12, 0.075  # half widths, facing the viewer
 _EYE, _EAR = (0.035, 0.025), 0.07
 
@@ -44,7 +44,7 @@ def keypoints(sk: Skeleton, height: float = 0.8) -> np.ndarray:
     u = height
     hip = np.array([sk.hip_x, sk.hip_y])
     up = np.array([math.sin(sk.lean), -math.cos(sk.lean)])
-    neck = hip + u * _TORSO * up
+    neck = hip + u * TORSO * up
     nose = neck + u * _NECK_HEAD * up
     side = np.array([1.0, 0.0]) * max(sk.turn, 0.15)  # never quite zero: keeps limbs apart
     pts = {"neck": neck, "nose": nose}

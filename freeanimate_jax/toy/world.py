@@ -65,8 +65,8 @@ class Appearance:
 
     @property
     def caption(self) -> str:
-        return (f"a person in a {self.shirt} shirt and {self.trousers} trousers "
-                f"on a {self.background} background")
+        return (f"a person in {_article(self.shirt)} {self.shirt} shirt and {self.trousers} "
+                f"trousers on {_article(self.background)} {self.background} background")
 
     @property
     def held_out(self) -> bool:
@@ -77,6 +77,10 @@ class Appearance:
         return {BACKGROUND: BACKGROUNDS[self.background], SKIN: SKINS[self.skin],
                 HAIR: HAIRS[self.hair], SHIRT: SHIRTS[self.shirt],
                 TROUSER: TROUSERS[self.trousers]}
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def all_appearances(held_out: bool | None = None) -> list[Appearance]:
@@ -105,7 +109,7 @@ def parse_caption(caption: str) -> tuple[str, str, str]:
             words[words.index("background") - 1]
     except (ValueError, IndexError):
         raise ValueError(f"caption {caption!r} is not a toy-world caption; expected 'a person "
-                         f"in a <colour> shirt and <colour> trousers on a <colour> "
+                         f"in a(n) <colour> shirt and <colour> trousers on a <colour> "
                          f"background'") from None
 
 
