@@ -51,6 +51,19 @@ def test_a_shifted_figure_loses_pose_by_its_overlap():
     assert m["identity"] > 0  # the truth's part interiors now see background in part
 
 
+def test_a_lost_part_costs_more_than_any_misplaced_one():
+    video, parts = _figure(frames=1)
+    lost = video.copy()
+    lost[parts == world.SHIRT] = BG  # no shirt-coloured pixel left
+    far, _ = _figure(frames=1, x0=56)  # the whole figure moved to the right edge
+    shirt = np.argwhere(parts[0] == world.SHIRT).mean(axis=0)  # (20.5, 23.5) in a 48x64 frame
+    corner = np.linalg.norm(shirt - (47, 63))  # the farthest corner: bottom right
+    m_lost = metrics.part_offset(lost, parts, COLORS)
+    # One of three parts lost (the others in place): a third of the farthest corner distance.
+    assert m_lost == pytest.approx(corner / 48 / 3)
+    assert m_lost > metrics.part_offset(far, parts, COLORS) / 3 > 0
+
+
 def test_a_recoloured_shirt_costs_its_colour_difference():
     video, parts = _figure()
     recoloured = video.copy()

@@ -5,6 +5,7 @@ chip found by bisection, and the FLOP count the floor comes from."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,8 @@ from freeanimate_jax.cli.fit import main
 from freeanimate_jax.fit import flops
 from freeanimate_jax.fit.core import GiB
 from freeanimate_jax.fit.train import largest_batch
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 class _Try:
@@ -142,3 +145,22 @@ def test_fit_train_counts_what_the_trainer_trains():
     four, eight = (flops_per_clip(job, f, (64, 64), "float32") for f in (4, 8))
     assert 1.9 < eight / four < 2.2
     assert np.isfinite(four) and four > 1e8
+
+
+def test_fit_train_lowers_a_vae_runbook_as_the_trainer_runs_it(tmp_path):
+    """The toy VAE's runbook: the step trains the VAE on pixels alone (no frozen encoders,
+    no text), and what fit lowers is that step, with that batch."""
+    from freeanimate_jax import config as cfg
+    from freeanimate_jax.fit.train import flops_per_clip, step_program
+    from freeanimate_jax.parallel import data_mesh
+    from freeanimate_jax.toy.family import init_family
+
+    fam = init_family(tmp_path / "family")
+    job = cfg.load_job(str(CONFIGS / "toy_vae.yaml"), [f"model={fam}"], schema=cfg.TrainJob)
+    p, _ = step_program(job, "float32", data_mesh(jax.devices("cpu")[:1]), None)
+    assert p.encoder_graphs is None and p.cfg.objective == "vae"
+    _, batch, _, encoders = p.abstract_args(2, 1, (64, 64))
+    assert set(batch) == {"pixels"} and encoders is None
+    # 2 frames cost twice 1 (frames are images to the VAE).
+    one, two = (flops_per_clip(job, f, (64, 64), "float32") for f in (1, 2))
+    assert one > 1e8 and two / one == pytest.approx(2, rel=0.05)

@@ -59,7 +59,7 @@ def test_the_pack_is_fp16_within_the_limit_and_loads_with_the_same_values(packed
         assert np.allclose(b[k], a[k], rtol=2**-10, atol=1e-7), k
 
 
-@pytest.mark.parametrize("damage", ["alter", "remove", "add"])
+@pytest.mark.parametrize("damage", ["alter", "remove", "add", "garble"])
 def test_the_hash_check_names_the_damaged_file(packed, tmp_path, damage):
     import shutil
 
@@ -73,9 +73,15 @@ def test_the_hash_check_names_the_damaged_file(packed, tmp_path, damage):
         target.write_bytes(bytes(data))
     elif damage == "remove":
         target.unlink()
-    else:
+    elif damage == "add":
         target = copy / "unet" / "extra.bin"
         target.write_bytes(b"x")
+    else:  # a SHA256SUMS line that is not '<sha>  <path>'
+        sums = copy / "SHA256SUMS"
+        sums.write_text("not a hash line\n" + sums.read_text())
+        with pytest.raises(WeightsError, match="line 1 is 'not a hash line'"):
+            family.verify(copy)
+        return
     with pytest.raises(WeightsError, match=str(target.relative_to(copy))):
         family.verify(copy)
 

@@ -94,11 +94,14 @@ def nearest_part(video: np.ndarray, colors: dict[int, tuple[int, int, int]]) -> 
 def part_offset(gen: np.ndarray, parts: np.ndarray, colors: dict[int, tuple[int, int, int]]
                 ) -> float:
     """Mean centroid distance of the clothed parts (fraction of the frame height); a part the
-    generated frame lacks counts as 0.5 (half a frame away)."""
+    generated frame lacks counts as the farthest any centroid could be (the distance from the
+    true centroid to the frame's farthest corner), so losing a part never scores better than
+    misplacing it. Pixels are labelled by the nearest reference colour, so parts of close
+    colours (dark skin, brown hair) trade some edge pixels even in the truth."""
     got = nearest_part(gen, colors)
     parts = np.asarray(parts)
-    h = parts.shape[1]
-    yy, xx = np.mgrid[0:h, 0:parts.shape[2]]
+    h, w = parts.shape[1:3]
+    yy, xx = np.mgrid[0:h, 0:w]
     errors = []
     for f in range(parts.shape[0]):
         for label in IDENTITY_PARTS.values():
@@ -106,10 +109,11 @@ def part_offset(gen: np.ndarray, parts: np.ndarray, colors: dict[int, tuple[int,
             if not want.any():
                 continue
             have = got[f] == label
-            if not have.any():
-                errors.append(0.5)
-                continue
             c_want = np.array([yy[want].mean(), xx[want].mean()])
+            if not have.any():
+                corners = np.array([[0, 0], [0, w - 1], [h - 1, 0], [h - 1, w - 1]])
+                errors.append(float(np.max(np.linalg.norm(corners - c_want, axis=1))) / h)
+                continue
             c_have = np.array([yy[have].mean(), xx[have].mean()])
             errors.append(float(np.linalg.norm(c_want - c_have)) / h)
     return float(np.mean(errors)) if errors else 0.0

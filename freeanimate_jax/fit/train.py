@@ -56,8 +56,7 @@ def step_program(job, dtype, mesh, hbm: int | None):
     from freeanimate_jax.train.loop import build_models
 
     models = build_models(job, jnp.dtype(dtype), abstract=True)
-    encoders = None if job.data.source == "latents" else (models.vae, models.text_encoder)
-    p = program.build(job, models.trained_model, encoders, mesh,
+    p = program.build(job, models.trained_model, program.step_encoders(job, models), mesh,
                       compute_dtype=jnp.dtype(dtype), chip_bytes=hbm)
     return p, models
 

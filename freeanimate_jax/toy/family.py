@@ -105,8 +105,13 @@ def verify(root: Path = SHIPPED) -> Path:
     if not sums.is_file():
         raise WeightsError(f"{root}: no {HASHES.name}; expected the toy family shipped with "
                            f"the package (reinstall it)")
-    want = dict(reversed(line.split("  ", 1)) for line in sums.read_text().splitlines()
-                if line.strip())
+    want = {}
+    for i, line in enumerate(sums.read_text().splitlines(), 1):
+        sha, _, name = line.partition("  ")
+        if len(sha) != 64 or not name or any(c not in "0123456789abcdef" for c in sha):
+            raise WeightsError(f"{sums}: line {i} is {line[:80]!r}; expected '<64 hex digits>  "
+                               f"<path>' (reinstall the package)")
+        want[name] = sha
     have = {p.relative_to(root).as_posix() for p in _files(root)}
     for name in sorted(set(want) | have):
         if name not in have:

@@ -62,12 +62,13 @@ def _load_into(model: nnx.Module, saved: dict[str, Any], run: str | Path, what: 
     nnx.update(model, jax.tree.unflatten(jax.tree.structure(target), leaves))
 
 
-def trained_kind(saved: dict[str, Any]) -> str:
-    """What a run trained: "controlnet", "motion" (motion modules only), "vae" or "unet"."""
+def trained_kind(saved: dict[str, Any], record: dict[str, Any]) -> str:
+    """What a run trained: "controlnet", "motion" (motion modules only), "vae" or "unet";
+    the VAE by the run's recorded objective, the rest by what its trained names hold."""
+    if record.get("objective") == "vae":
+        return "vae"
     if any(k.startswith("controlnet.") for k in saved):
         return "controlnet"
-    if any(k.startswith(("encoder.", "decoder.")) for k in saved):
-        return "vae"
     if all(".motion_modules." in f".{k}" for k in saved):
         return "motion"
     return "unet"
@@ -102,7 +103,7 @@ def model_from_run(run: str | Path, *, step: int | None = None, ema: bool = Fals
     from freeanimate_jax.train.state import split
 
     saved, record = saved_params(run, step=step, ema=ema)
-    kind = trained_kind(saved)
+    kind = trained_kind(saved, record)
     if kind == "motion":
         raise DataError(f"{run}: the run trained a motion module; export it with the motion "
                         f"layouts (diffusers | original)")
@@ -163,11 +164,12 @@ def export_run(run: str | Path, out: str | Path, *, layout: str = "diffusers",
         export_original,
     )
 
-    saved, _ = saved_params(run, step=step, ema=ema)
-    if trained_kind(saved) != "motion":
+    saved, record = saved_params(run, step=step, ema=ema)
+    kind = trained_kind(saved, record)
+    if kind != "motion":
         if layout != "diffusers":
             raise DataError(f"--layout {layout} is for motion modules; this run trained a "
-                            f"{trained_kind(saved)}; expected --layout diffusers")
+                            f"{kind}; expected --layout diffusers")
         model, config, _ = model_from_run(run, step=step, ema=ema)
         return export_model_folder(model, config, out, overwrite=overwrite)
     adapter, _ = adapter_from_run(run, step=step, ema=ema)

@@ -128,10 +128,7 @@ class Trainer:
             raise DataError(f"controlnet training needs control images per frame; data.source="
                             f"{self.data_cfg.source} has none; expected rows with `condition` "
                             f"frames (the synthetic data has its shapes' masks)")
-        # The VAE objective trains the VAE on pixels: no frozen encoders run in its step.
-        vae_run = models.objective == "vae"
-        encoders = None if self.cached or vae_run else (models.vae, models.text_encoder)
-        p = program.build(job, models.trained_model, encoders, mesh,
+        p = program.build(job, models.trained_model, program.step_encoders(job, models), mesh,
                           compute_dtype=compute_dtype, chip_bytes=_chip_bytes())
         self.program, self.graphdef, self.encoder_graphs = p, p.graphdef, p.encoder_graphs
         self.tx, self.lr, self.cfg, self.sharded = p.tx, p.lr, p.cfg, p.sharded

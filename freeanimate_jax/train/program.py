@@ -69,6 +69,11 @@ class StepProgram:
                              state, self.state_shardings)
         h, w = size_hw
         b, f = global_batch, frames
+        if self.cfg.objective == "vae":  # frames as images, nothing else
+            pixels = ((b, f, h, w, 3), jnp.float32)
+            return state, {"pixels": jax.ShapeDtypeStruct(
+                pixels[0], pixels[1], sharding=data_sharding(self.mesh, 5))}, \
+                spec(self.frozen, rep), None
         if self.encoder_graphs is None:
             lat = (b, f, h // latent_factor, w // latent_factor, latent_channels)
             shapes = {"mean": (lat, cache_dtype), "logstd": (lat, cache_dtype),
@@ -87,6 +92,14 @@ class StepProgram:
             batch["empty_ids"] = jax.ShapeDtypeStruct((TOKENS,), jnp.int32, sharding=rep)
         encoders = None if self.encoder_states is None else spec(self.encoder_states, rep)
         return state, batch, spec(self.frozen, rep), encoders
+
+
+def step_encoders(job: TrainJob, models: Any) -> tuple | None:
+    """The frozen (VAE, text encoder) the step runs on pixels; None for the latent cache (the
+    cache holds their outputs) and for the VAE objective (the VAE is what trains)."""
+    if job.data.source == "latents" or job.train.objective == "vae":
+        return None
+    return models.vae, models.text_encoder
 
 
 def build(job: TrainJob, model: nnx.Module, encoders: tuple | None, mesh: jax.sharding.Mesh,
