@@ -73,8 +73,8 @@ def test_demo_end_to_end(demo_runs):
     with Image.open(run.out.with_name("demo.sheet.png")) as sheet:
         assert sheet.width == 4 * 64 + 3 * SEP  # reference | pose | preview | result
     record = json.loads(run.out.with_name("demo.json").read_text())
-    assert record["config"]["model"] == "builtin:tiny"
-    assert record["config"]["animate"]["steps"] == 6
+    assert record["config"]["model"] == "builtin:toy"
+    assert record["config"]["animate"]["steps"] == 20
     assert record["config"]["dtype_resolved"] == "float32"
     assert record["outputs"] == {"video": "demo.mp4", "sheet": "demo.sheet.png",
                                  "json": "demo.json", "frames": 16, "height": 64, "width": 64,

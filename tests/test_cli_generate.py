@@ -67,7 +67,7 @@ def test_demo_end_to_end(demo_run):
     with Image.open(demo_run.out.with_name("demo.sheet.png")) as sheet:
         assert sheet.width == 64  # one column: the result (no poses)
     record = json.loads(demo_run.out.with_name("demo.json").read_text())
-    assert record["config"]["model"] == record["config"]["motion_module"] == "builtin:tiny"
+    assert record["config"]["model"] == record["config"]["motion_module"] == "builtin:toy"
     assert record["config"]["generate"]["frames"] == 16
     assert record["outputs"] == {"video": "demo.mp4", "sheet": "demo.sheet.png",
                                  "json": "demo.json", "frames": 16, "height": 64, "width": 64,
@@ -127,7 +127,7 @@ def test_generate_wiring(fake, out, capsys):
 
 
 def test_generate_with_controlnet_and_poses(fake, out, capsys):
-    rc, _, err = run(capsys, "generate", "--demo", "--controlnet", "builtin:tiny", "--quiet",
+    rc, _, err = run(capsys, "generate", "--demo", "--controlnet", "builtin:toy", "--quiet",
                      "--out", out / "out" / "v.gif", "generate.frames=8", "compilation_cache=")
     assert (rc, err) == (0, "")
     poses = fake.made[-1].seen[2]

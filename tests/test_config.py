@@ -11,7 +11,7 @@ from freeanimate_jax.config import (
     DEMO_GENERATE_CONFIG,
     DEMO_TRAIN_CONFIG,
     MOTION_ADAPTER,
-    TINY_MODEL,
+    TOY_MODEL,
     AnimateConfig,
     AnimateJob,
     ConfigError,
@@ -196,8 +196,8 @@ def test_demo_yaml_matches_the_builtin_demo_config():
     # `--demo` uses DEMO_CONFIG (an installed package has no configs/); the runbook must agree.
     assert load_job(str(CONFIGS / "demo.yaml"), []) == load_job(None, [], base=DEMO_CONFIG)
     job = load_job(None, [], base=DEMO_CONFIG)
-    assert job.model == TINY_MODEL and job.size_hw == (64, 64) and job.dtype == "float32"
-    assert job.animate.steps == job.animate.preview_steps == 6
+    assert job.model == job.controlnet == TOY_MODEL and job.size_hw == (64, 64)
+    assert job.animate.steps == job.animate.preview_steps == 20 and job.dtype == "float32"
 
 
 def test_train_tiny_yaml_matches_the_builtin_demo_config():
@@ -285,7 +285,7 @@ def test_parse_weighted(spec, parsed):
 def test_demo_generate_yaml_matches_the_builtin_config():
     job = load_job(None, [], base=DEMO_GENERATE_CONFIG, schema=GenerateJob)
     assert load_job(str(CONFIGS / "demo_generate.yaml"), [], schema=GenerateJob) == job
-    assert job.model == job.motion_module == TINY_MODEL and job.size_hw == (64, 64)
+    assert job.model == job.motion_module == TOY_MODEL and job.size_hw == (64, 64)
     assert job.settings().frames == 16 and job.dtype == "float32"
 
 

@@ -124,3 +124,23 @@ def test_build_trains_the_vae_stage_exports_it_and_skips_it_once_done(tmp_path, 
     assert "stage vae" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()  # refused before anything was written
     jax.clear_caches()
+
+
+def test_the_shipped_family_passes_its_hash_check_and_loads_through_load():
+    import freeanimate_jax
+
+    root = family.verify()  # every shipped file against SHA256SUMS
+    assert root == family.SHIPPED
+    total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert total <= family.MAX_SHIPPED_BYTES
+    for sub, kind in (("vae", "AutoencoderKL"), ("unet", "UNet2DConditionModel"),
+                      ("text_encoder", "CLIPTextModel"), ("controlnet", "ControlNetModel"),
+                      ("motion_adapter", "MotionAdapter")):
+        model = freeanimate_jax.load("builtin:toy", subfolder=sub)
+        config = json.loads((root / sub / "config.json").read_text())
+        assert type(model).__name__ == kind or config.get("_class_name") == kind, sub
+        for key, want in family.TOY_CONFIGS.get(sub, {}).items():
+            if key != "scaling_factor":  # the VAE's is measured at export
+                assert config[key] == want, (sub, key)
+    vae = json.loads((root / "vae" / "config.json").read_text())
+    assert 0.2 < vae["scaling_factor"] < 5  # 1/std of the trained latents, not the init's 1

@@ -118,3 +118,20 @@ def test_the_tfds_configs_write_and_read_back(tmp_path):
     want = data.row(data.case("train", 0, index, 1, 64), "x")
     assert np.array_equal(np.asarray(row["frames"]), want["frames"])  # PNG: lossless
     assert np.array_equal(np.asarray(row["condition"]), want["condition"])
+
+
+def test_the_demos_animate_a_held_out_figure_through_the_held_out_motion():
+    from freeanimate_jax import config as cfg
+
+    case = data.demo_case()
+    assert case.appearance.held_out and case.motion == motions.HELD_OUT_MOTION
+    assert cfg.DEMO_CONFIG["prompt"] == case.appearance.caption == cfg.DEMO_CAPTION
+    assert cfg.DEMO_GENERATE_CONFIG["prompt"] == cfg.DEMO_CAPTION
+    # The reference stands at rest where the clip's figure stands, in the case's colours.
+    ref, first = case.reference(), case.video()[0]
+    assert ref.shape == first.shape == (64, 64, 3)
+    assert set(map(tuple, ref.reshape(-1, 3))) >= set(case.appearance.colors().values())
+    figure = np.argwhere(np.any(ref != world.BACKGROUNDS[case.appearance.background], -1))
+    moving = np.argwhere(np.any(first != world.BACKGROUNDS[case.appearance.background], -1))
+    assert np.abs(figure.mean(0) - moving.mean(0)).max() < 4  # px: same place
+    assert case.poses((64, 96)).shape == (16, 64, 96, 3)  # letterboxed like a JSON's canvas

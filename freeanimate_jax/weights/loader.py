@@ -247,7 +247,16 @@ def load(path_or_hub_id: str | Path, subfolder: str | None = None, *,
     folder's path, its files' sizes and mtimes, and dtype; later loads restore it.
     A single `.ckpt`/`.pt`/`.pth`/`.safetensors` file is a released-format AnimateDiff motion
     module (`weights/motion.py`; not cached: its conversion is a rename).
+    `builtin:toy` is the toy family shipped in the package, every file hash-checked first
+    (`load("builtin:toy", subfolder="unet")`; also vae, text_encoder, controlnet,
+    motion_adapter).
     """
+    from freeanimate_jax.config import TOY_MODEL
+
+    if str(path_or_hub_id) == TOY_MODEL:
+        from freeanimate_jax.toy.family import verify
+
+        path_or_hub_id = verify()
     if subfolder is None and Path(path_or_hub_id).expanduser().is_file():
         from freeanimate_jax.weights import motion  # lazy: it builds on this module
 
