@@ -44,17 +44,42 @@ def demo_runs(tmp_path_factory):
         env.pop(key, None)
     cache = root / "xla"
     runs = {}
-    for name in ("cold", "warm"):
+    # cold, warm: the shipped toy family; tiny: the random-weight family on the same inputs.
+    for name, extra in (("cold", []), ("warm", []),
+                        ("tiny", ["model=builtin:tiny", "controlnet=builtin:tiny"])):
         out = root / name / "demo.mp4"
         start = time.perf_counter()
         proc = subprocess.run(
             [sys.executable, "-m", "freeanimate_jax", "animate", "--demo", "--out", str(out),
-             f"compilation_cache={cache}"],
+             f"compilation_cache={cache}", *extra],
             env=env, cwd=root, capture_output=True, text=True, timeout=900)
         runs[name] = types.SimpleNamespace(proc=proc, out=out, wall=time.perf_counter() - start,
                                            cache_files=count_files(cache))
         assert proc.returncode == 0, f"{name} run failed:\n{proc.stdout}\n{proc.stderr}"
     return runs
+
+
+# The demo video's metrics (its mp4, against the toy world's truth), as measured with the
+# shipped family on 2 CPU cores (docs/QUALITY.md); the bounds are regression guards.
+DEMO_MEASURED = {"pose_iou": None, "identity": None}
+DEMO_BOUNDS = {"pose_iou": 0.08, "identity": 4.0}  # absolute: IoU, Delta E
+
+
+@pytest.mark.slow
+def test_the_demo_animates_the_held_out_figure_in_its_colours_through_its_poses(demo_runs):
+    from freeanimate_jax.eval.metrics import evaluate
+    from freeanimate_jax.toy.data import demo_case
+
+    case = demo_case()
+    truth, parts, colors = case.video(), case.parts(), case.appearance.colors()
+    got = {name: evaluate(read_video(demo_runs[name].out)[0], truth, parts, colors)
+           for name in ("cold", "tiny")}
+    toy, tiny = got["cold"], got["tiny"]
+    for m, measured in DEMO_MEASURED.items():
+        assert abs(toy[m] - measured) <= DEMO_BOUNDS[m], (m, toy[m], measured)
+    # Far better than the random family's noise on the same inputs.
+    assert toy["pose_iou"] > tiny["pose_iou"] + 0.3, (toy, tiny)
+    assert toy["identity"] < tiny["identity"] / 2, (toy, tiny)
 
 
 @pytest.mark.slow

@@ -58,6 +58,9 @@ TRAIN = ('pip install -e ".[train]"',
          "freeanimate train run --config configs/train_motion_v3.yaml data.source=latents "
          "data.dir=data/webvid-latents",
          "freeanimate train export --run runs/motion-v3 --out my-motion-adapter")
+TOY = ("freeanimate toy build --out runs/toy", "freeanimate toy pack --out runs/toy",
+       "freeanimate toy ablation --out runs/ablation",
+       "freeanimate eval runs/ablation --out runs/ablation/table.md")
 TEST_COMMAND = ('python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 && .venv/bin/pip '
                 'install -e ".[test]" && JAX_PLATFORMS=cpu .venv/bin/python -m pytest -q')
 INSTALL_DEMO = "python3 -m venv .venv && .venv/bin/pip install -e . && "
@@ -76,7 +79,7 @@ def readme_commands() -> list[str]:
 
 def test_every_readme_command_is_classified_here():
     expected = [INSTALL_DEMO + DEMO, TEST_COMMAND, ANIMATE, POSES, GENERATE_V3, GENERATE_DEMO,
-                ANIMATE_MOTION, *FITS, BABYSIT, *TRAIN]
+                ANIMATE_MOTION, *FITS, BABYSIT, *TRAIN, *TOY]
     assert sorted(readme_commands()) == sorted(expected)
 
 
@@ -341,3 +344,36 @@ def test_readme_training_commands_run(world):
 
     adapter = MotionAdapter.from_pretrained(clone / "my-motion-adapter")
     assert sum(p.numel() for p in adapter.parameters()) > 0
+
+
+@pytest.mark.slow
+def test_readme_toy_commands_run_and_stop_as_the_readme_says(world):
+    """The recipe takes hours on a CPU (docs/QUALITY.md) and the ablation most of one: each
+    runs as written until under way, then stops the README's way (SIGTERM: the build saves and
+    exits 75, resumable). pack and eval of the unfinished runs fail with one line, exit 2, and
+    write nothing."""
+    from freeanimate_jax.toy.family import SHIPPED, verify
+
+    clone, _ = world
+    build, pack, ablation, evaluate = TOY
+    proc = start(world, build)
+    try:
+        started = _wait_for(proc, r"\bstep\b.*loss", timeout=600)
+    finally:
+        code, out = _stop(proc)
+    assert started and code == 75, f"exit {code}:\n{out[-3000:]}"
+    assert "run the same command to resume" in out
+    assert list((clone / "runs" / "toy" / "vae" / "checkpoints").iterdir())
+    line = _one_line_error(run(world, pack))
+    assert "stage vae is not finished" in line
+    verify(SHIPPED)  # the shipped family untouched
+    proc = start(world, ablation)
+    try:
+        started = _wait_for(proc, r"^\[ablation\] 1/", timeout=600)
+    finally:
+        code, out = _stop(proc)
+    assert started, f"exit {code}:\n{out[-3000:]}"
+    assert list((clone / "runs" / "ablation" / "videos").glob("*.npz"))
+    line = _one_line_error(run(world, evaluate))
+    assert "no set.json" in line and not (clone / "runs" / "ablation" / "table.md").exists()
+

@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder (with controlnet/ and motion_adapter/); default: the shipped one")
     a.add_argument("--appearances", type=int, default=8)
     a.add_argument("--seeds", type=int, default=3)
-    a.add_argument("--frames", type=int, default=16)
-    a.add_argument("--steps", type=int, default=20, help="DDIM steps (preview and final)")
+    a.add_argument("--frames", type=int, default=8)
+    a.add_argument("--steps", type=int, default=10, help="DDIM steps (preview and final)")
     a.add_argument("--guidance", type=float, default=5.0)
     return p
 
@@ -185,8 +185,12 @@ def build(args: argparse.Namespace) -> int:
                                    "ema": job.sections()[2].ema_decay is not None,
                                    "seconds_this_sitting": time.perf_counter() - t0})
         print(f"[{stage}] exported step {step} to {target}", flush=True)
-    print(f"the toy family is trained: {out / 'family'}; pack it with `{PROG} pack --out "
-          f"{out}`", flush=True)
+    left = [s for s in STAGES if not (out / s / DONE).is_file()]
+    if left:
+        print(f"stages {', '.join(stages)} done; still to train: {', '.join(left)}", flush=True)
+    else:
+        print(f"the toy family is trained: {out / 'family'}; pack it with `{PROG} pack --out "
+              f"{out}`", flush=True)
     return 0
 
 
