@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--appearances", type=int, default=8)
     a.add_argument("--seeds", type=int, default=3)
     a.add_argument("--frames", type=int, default=8)
-    a.add_argument("--steps", type=int, default=10, help="DDIM steps (preview and final)")
+    a.add_argument("--steps", type=int, default=6, help="DDIM steps (preview and final)")
     a.add_argument("--guidance", type=float, default=5.0)
     return p
 
