@@ -136,13 +136,17 @@ def test_generate_with_controlnet_and_poses(fake, out, capsys):
         assert sheet.width == 2 * 64 + SEP  # pose | result
 
 
+# The demo's inputs with the random tiny family (the toy family's parts fit only it).
+TINY_FAMILY = ("model=builtin:tiny", "controlnet=builtin:tiny")
+
+
 def test_animate_with_a_motion_module(monkeypatch, out, capsys):
     # The real model assembly (tiny models, an exported adapter folder), a stand-in pipeline.
     FakeAnimate.made, FakeAnimate.nan = [], False
     monkeypatch.setattr(animate_pipeline, "FreeAnimate", FakeAnimate)
     folder = export_motion_adapter(tiny_motion_adapter(), out / "adapter")
     rc, _, err = run(capsys, "animate", "--demo", "--motion-module", folder, "--quiet",
-                     "--out", out / "out" / "v.npz", "compilation_cache=")
+                     "--out", out / "out" / "v.npz", "compilation_cache=", *TINY_FAMILY)
     assert (rc, err) == (0, "")
     (pipe,) = FakeAnimate.made
     assert isinstance(pipe.models.unet, UNetMotionModel) and pipe.models.unet.has_motion
@@ -279,7 +283,8 @@ def test_trace_time_position_error_is_a_user_error(out, capsys, monkeypatch):
 
 def test_animate_motion_frames_must_divide_the_devices(out, capsys):
     rc, _, err = run(capsys, "animate", "--demo", "--frames", 12, "--motion-module",
-                     "builtin:tiny", "--out", out / "out" / "v.mp4", "compilation_cache=")
+                     "builtin:tiny", "--out", out / "out" / "v.mp4", "compilation_cache=",
+                     *TINY_FAMILY)
     assert rc == 2 and "the poses: 12 frames do not divide over 8 devices" in err
     assert listing(out / "out") == []
 
