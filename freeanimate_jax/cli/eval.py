@@ -59,6 +59,11 @@ def main(argv: Sequence[str]) -> int:
     except (DataError, InputError, ValueError) as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from freeanimate_jax.eval.ablation import BASELINE
+    from freeanimate_jax.eval.table import differences
+
+    if BASELINE in result["rows"]:  # an ablation's set: its verdicts, as the ablation wrote
+        result["baseline"], result["differences"] = BASELINE, differences(result, BASELINE)
     write(result, out, json_out)
     print(f"scored {len(result['per_video'])} videos in {len(result['rows'])} rows: {out}, "
           f"{json_out}")

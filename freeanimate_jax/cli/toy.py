@@ -94,7 +94,7 @@ def ablation(args: argparse.Namespace) -> int:
     cases = held_out_cases(args.appearances, seeds=tuple(range(args.seeds)),
                            frames=args.frames)
     run_ablation(args.out, models, video, settings, cases,
-                 log=lambda s: print(s, flush=True))
+                 log=lambda s: print(s, flush=True), model=str(args.model))
     return 0
 
 

@@ -60,13 +60,15 @@ def calls() -> list[Call]:
 
 
 def run_ablation(out: str | Path, models: Any, video_models: Any, settings: Any,
-                 cases: list[tuple[str, Case, int]], log=print) -> dict[str, Any]:
+                 cases: list[tuple[str, Case, int]], log=print, model: str = ""
+                 ) -> dict[str, Any]:
     """Animate every case with every call into `out` (npz per video, set.json), score the
     set, write `table.md` / `table.json` and one contact sheet per motion; returns the
     scored result. `models`: the toy family with its ControlNet; `video_models`: the same
     with the motion module inserted; `settings`: the AnimateSettings every row starts from.
-    A stopped run resumes (finished videos are kept) only with the same settings and cases
-    (`run.json`), else it stops with a ValueError before animating anything."""
+    A stopped run resumes (finished videos are kept) only with the same `model` (its name, as
+    the command was given it), settings and cases (`run.json`), else it stops with a
+    ValueError before animating anything."""
     import time
 
     from freeanimate_jax.cli.eval import write
@@ -76,12 +78,12 @@ def run_ablation(out: str | Path, models: Any, video_models: Any, settings: Any,
     from freeanimate_jax.pipelines.animate import FreeAnimate
 
     out = Path(out)
-    manifest = {"settings": dataclasses.asdict(settings),
+    manifest = {"model": model, "settings": dataclasses.asdict(settings),
                 "cases": [[name, case.to_dict(), seed] for name, case, seed in cases]}
     manifest = json.loads(json.dumps(manifest))  # tuples as lists, as read back
     if (out / "run.json").is_file() and json.loads((out / "run.json").read_text()) != manifest:
-        raise ValueError(f"{out}: holds an ablation of other settings or cases (run.json); "
-                         f"expected the same ones to resume, or a new --out")
+        raise ValueError(f"{out}: holds an ablation of another model, settings or cases "
+                         f"(run.json); expected the same ones to resume, or a new --out")
     (out / "videos").mkdir(parents=True, exist_ok=True)
     with staged(out / "run.json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=1) + "\n")
