@@ -61,7 +61,8 @@ def _load_inputs(args: argparse.Namespace, job: AnimateJob, say: Callable[[str],
     if not args.demo and (args.reference is None or args.poses is None):
         raise InputError("missing --reference IMG and/or --poses PATH; expected both "
                          "(or --demo for the built-in example)")
-    demo = demo_case(DEMO_FRAMES, max(size_hw))  # the toy world's held-out figure and motion
+    # --demo's inputs: the toy world's held-out figure and motion
+    demo = demo_case(DEMO_FRAMES, max(size_hw)) if args.demo else None
     if args.reference is not None:
         reference = load_image(args.reference)
     else:
