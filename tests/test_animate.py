@@ -14,7 +14,9 @@ from freeanimate_jax.pipelines.animate import AnimateSettings, FreeAnimate
 from tests.helpers import np_anchored_attention
 
 FRAMES = 3  # not a multiple of 8: the sharded run pads to 8 and drops the padding
-BASE = AnimateSettings(steps=3, preview_steps=3, guidance_scale=5.0, iba_until=0.67, seed=7)
+# Half the preview's start is the inverted reference: every equivalence below covers the blend.
+BASE = AnimateSettings(steps=3, preview_steps=3, guidance_scale=5.0, iba_until=0.67, seed=7,
+                       preview_from_reference=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,39 @@ def test_cache_modes_give_the_same_frames(models, inputs, baseline, mode):
                          ids=["iba_layers", "iba_until", "ra_sa_layers", "ra_sa_until"])
 def test_iba_and_ra_sa_are_not_no_ops(models, inputs, baseline, switch_off):
     assert _maxdiff(_run(models, inputs, **switch_off), baseline) > 1e-3
+
+
+def test_preview_start_blends_the_inverted_reference_into_each_frames_noise():
+    from freeanimate_jax.models.attention import Runtime
+    from freeanimate_jax.pipelines.animate import preview_start
+    from freeanimate_jax.pipelines.core import CallValues
+
+    rng = np.random.default_rng(3)
+    noise = rng.standard_normal((FRAMES, 4, 4, 4)).astype(np.float32)
+    z_ref = rng.standard_normal((1, 4, 4, 4)).astype(np.float32)
+
+    def start(w):
+        return np.asarray(preview_start(Runtime(), noise, z_ref, CallValues(start=np.float32(w))))
+
+    np.testing.assert_array_equal(start(0.0), noise)  # the paper's preview, bit for bit
+    np.testing.assert_array_equal(start(1.0), np.repeat(z_ref, FRAMES, 0))
+    # 0.6 z + 0.8 n: unit variance for independent unit-variance terms.
+    np.testing.assert_allclose(start(0.6), 0.6 * z_ref + 0.8 * noise, rtol=1e-6, atol=1e-6)
+
+
+def test_a_preview_from_the_reference_starts_every_frame_alike(models, inputs):
+    """With the whole start the inverted reference, frames with one pose get one preview; from
+    their own noise (0, the default) they differ."""
+    reference, poses = inputs
+    same_pose = np.repeat(poses[:1], FRAMES, axis=0)
+    for w, alike in ((1.0, True), (0.0, False)):
+        preview = FreeAnimate(models, dataclasses.replace(BASE, preview_from_reference=w))(
+            reference, same_pose, "a dancer").preview
+        spread = max(_maxdiff(preview[0], preview[i]) for i in range(1, FRAMES))
+        assert (spread == 0.0) if alike else (spread > 1e-3), (w, spread)
+    assert AnimateSettings().preview_from_reference == 0.0
+    with pytest.raises(ValueError, match="preview_from_reference"):
+        AnimateSettings(preview_from_reference=1.5)
 
 
 def test_one_device_and_eight_devices_give_the_same_frames(fresh_tiny, inputs, baseline):

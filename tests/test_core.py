@@ -116,7 +116,7 @@ FIRST = AnimateSettings(steps=3, preview_steps=2, guidance_scale=5.0, eta=0.3, s
 # the values, fix the program).
 CHANGED = dict(seed=3, negative_prompt="blurry", guidance_scale=3.0, controlnet_scale=0.7,
                controlnet_start=0.1, controlnet_end=0.9, eta=0.6, iba_until=0.34,
-               ra_sa_until=0.5)
+               ra_sa_until=0.5, preview_from_reference=0.6)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,8 @@ def test_call_time_settings_and_what_fixes_the_program():
     s = AnimateSettings()
     assert set(AnimateSettings.CALL_TIME) == {
         "guidance_scale", "negative_prompt", "eta", "seed", "controlnet_scale",
-        "controlnet_start", "controlnet_end", "iba_until", "ra_sa_until"}
+        "controlnet_start", "controlnet_end", "iba_until", "ra_sa_until",
+        "preview_from_reference"}
     assert s.cfg and not dataclasses.replace(s, guidance_scale=1.0).cfg  # as diffusers
     assert s.with_call(clip_skip=None, seed=4) == dataclasses.replace(s, seed=4)
     with pytest.raises(TypeError, match="unknown setting"):

@@ -26,8 +26,8 @@ def test_tiny_fits_on_v5e_4(capsys):
     assert rc == 0 and report["fits"] and report["verdict"].startswith("fits")
     assert report["chips"] == 4 and report["padded_frames"] == 4
     names = [st["name"] for st in report["stages"]]
-    assert names == ["text encoder", "VAE encode", "reference inversion", "preview",
-                     "preview inversion", "denoise", "VAE decode"]
+    assert names == ["text encoder", "VAE encode", "reference inversion", "preview start",
+                     "preview", "preview inversion", "denoise", "VAE decode"]
     for st in report["stages"]:
         assert st["error"] is None and st["fits"], st
         assert st["args"] > 0 and st["outputs"] > 0 and st["total"] > 0, st

@@ -13,7 +13,7 @@ import fnmatch
 from freeanimate_jax.fit.core import Fitter, GiB, chips_text, format_table, size_text
 
 STAGES = ("text encoder", "VAE encode", "reference inversion", "preview reference inversion",
-          "preview", "preview inversion", "denoise", "VAE decode")
+          "preview start", "preview", "preview inversion", "denoise", "VAE decode")
 
 
 def abstract_models(tiny: bool, dtype):

@@ -1,7 +1,8 @@
 """FreeAnimate: reference image + poses (+ prompt) -> video, training-free.
 
 Stages (DESIGN.md): reference DDIM inversion (capturing the RA-SA anchors per step), preview
-generation (ControlNet + RA-SA + CFG), preview DDIM inversion (capturing the IBA cache), final
+generation (ControlNet + RA-SA + CFG, from per-frame noise blended with the inverted reference
+by `preview_from_reference`), preview DDIM inversion (capturing the IBA cache), final
 denoising (ControlNet + RA-SA + IBA + CFG), VAE decode. Each inversion and each denoising is one
 compiled `lax.scan` over steps; the step switches of IBA, RA-SA and the ControlNet are per-step
 values in the scan inputs (the rules: `pipelines/settings.py`), so one compiled body serves
@@ -92,8 +93,10 @@ class InvertReference:
 
 
 @compiled
-def invert_reference(p: InvertReference, unet_state, z_ref: Array, ctx: Array) -> dict:
-    """DDIM-invert the reference latent; returns the RA-SA anchors in denoising order."""
+def invert_reference(p: InvertReference, unet_state, z_ref: Array, ctx: Array
+                     ) -> tuple[dict, Array]:
+    """DDIM-invert the reference latent; returns the RA-SA anchors in denoising order and the
+    inverted latent z_T (1, h, w, c)."""
     model, sched = nnx.merge(p.unet, unet_state), Schedule.make(p.scheduler, p.steps)
 
     def body(z, xs):
@@ -105,8 +108,9 @@ def invert_reference(p: InvertReference, unet_state, z_ref: Array, ctx: Array) -
         return ddim.ddim_inverse_step(sched.tables, eps, t, z), \
             {path: c["hidden"] for path, c in ctrl.captured.items()}
 
-    _, anchors = jax.lax.scan(body, z_ref, (jnp.asarray(sched.invert_t), jnp.arange(p.steps)))
-    return jax.tree.map(lambda a: a[::-1], anchors)
+    z_t, anchors = jax.lax.scan(body, z_ref, (jnp.asarray(sched.invert_t),
+                                              jnp.arange(p.steps)))
+    return jax.tree.map(lambda a: a[::-1], anchors), z_t
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +215,15 @@ def denoise(p: Denoise, unet_state, cn_state, z_t: Array, poses: Array, ctx_c: A
     return z0
 
 
+@compiled
+def preview_start(rt: Runtime, noise: Array, z_ref_t: Array, call: CallValues) -> Array:
+    """The preview's starting latents: w * z_ref_T + sqrt(1 - w^2) * noise per frame, w =
+    `call.start` (unit variance kept for independent terms; w = 0 gives `noise` exactly)."""
+    w = call.start.astype(noise.dtype)
+    return rt.constrain(w * z_ref_t.astype(noise.dtype) + jnp.sqrt(1 - w * w) * noise,
+                        FRAMES_4D)
+
+
 # -- the pipeline -----------------------------------------------------------------------------
 class FreeAnimate(Sampler):
     """FreeAnimate over one set of models (`models.controlnet` the openpose ControlNet).
@@ -237,7 +250,7 @@ class FreeAnimate(Sampler):
         def invert(steps: int, name: str, out: str) -> Step:
             program = InvertReference(unet, rt, sched, steps, s.ra_sa_layers, name, show)
             return Step(self.stage(name, invert_reference, program, steps),
-                        ("unet", "z_ref", "ctx_c"), ((out, None),))
+                        ("unet", "z_ref", "ctx_c"), ((out, None), (f"{out} z_T", None)))
 
         def den(name: str, steps: int, mode: str | None) -> Denoise:
             iba = s.iba_layers if mode is not None else ()  # the preview has no IBA
@@ -255,9 +268,11 @@ class FreeAnimate(Sampler):
             plan.append(invert(s.preview_steps, "preview reference inversion", preview_anchors))
         inversion = InvertPreview(unet, cn, rt, sched, s.steps, s.cache_mode, s.iba_layers, show)
         plan += [
+            Step(self.stage("preview start", preview_start, rt),
+                 ("noise", f"{preview_anchors} z_T", "preview call"), (("z_start", 0),)),
             Step(self.stage("preview", denoise, den("preview", s.preview_steps, None),
                             s.preview_steps),
-                 (*weights, "noise", "poses", "ctx_c", "ctx_u", preview_anchors, "no cache",
+                 (*weights, "z_start", "poses", "ctx_c", "ctx_u", preview_anchors, "no cache",
                   "preview call"), (("z_pre", 0),)),
             Step(self.stage("preview inversion", invert_preview, inversion, s.steps),
                  (*weights, "z_pre", "poses", "ctx_c", "anchors", "inversion call"),
@@ -284,7 +299,9 @@ class FreeAnimate(Sampler):
     def call_inputs(self, s: AnimateSettings) -> dict[str, tuple[Any, int | None]]:
         """The call-time buffers of `s` as (host value, frame axis or None)."""
         ra, iba = {"ra_sa": s.ra_sa_until}, {"ra_sa": s.ra_sa_until, "iba": s.iba_until}
-        return {"preview call": (call_values(s, s.preview_steps, until=ra), None),
+        preview = dataclasses.replace(call_values(s, s.preview_steps, until=ra),
+                                      start=np.float32(s.preview_from_reference))
+        return {"preview call": (preview, None),
                 "inversion call": (call_values(s, s.steps, reverse=True, until=ra), None),
                 "denoise call": (call_values(s, s.steps, until=iba), None),
                 "no cache": ({}, None)}
@@ -325,7 +342,8 @@ class FreeAnimate(Sampler):
     def __call__(self, reference: np.ndarray, poses: np.ndarray, prompt: str = "", *,
                  latents: Array | np.ndarray | None = None, **settings: Any) -> AnimateResult:
         """`reference` (H, W, 3) and `poses` (N, H, W, 3) uint8 at the model size; `latents`:
-        the preview's starting noise (N, H/8, W/8, 4), default `initial_latents`; `settings`:
+        the preview's starting noise (N, H/8, W/8, 4), default `initial_latents` (blended
+        with the inverted reference by `preview_from_reference`); `settings`:
         any `AnimateSettings` field, for this call only."""
         s = self.settings.with_call(**settings)
         n, timings = poses.shape[0], {}

@@ -211,6 +211,7 @@ class CallValues:
     controlnet: Any = None  # (S,) float32: the ControlNet scale at each step (0 = off)
     ra_sa: Any = None  # (S,) bool
     iba: Any = None  # (S,) bool
+    start: Any = None  # () float32: the reference's weight in the preview's starting latent
 
 
 def controlnet_scales(steps: int, start: float, end: float, scale: float) -> np.ndarray:

@@ -107,7 +107,7 @@ class AnimateSettings(SamplingSettings):
     """FreeAnimate: reference inversion, preview, preview inversion, IBA/RA-SA denoising."""
 
     CALL_TIME: ClassVar[tuple[str, ...]] = (*SamplingSettings.CALL_TIME, "iba_until",
-                                            "ra_sa_until")
+                                            "ra_sa_until", "preview_from_reference")
     FIRST: ClassVar[tuple[str, ...]] = ("steps", "preview_steps")
 
     preview_steps: int = 25
@@ -117,6 +117,12 @@ class AnimateSettings(SamplingSettings):
     ra_sa_layers: tuple[str, ...] = ("*.attentions.*.attn1",)
     ra_sa_until: float = 1.0
     cache_mode: str = "hidden"
+    # The preview's starting latent of frame i: w * z_ref_T + sqrt(1 - w^2) * noise_i, where
+    # z_ref_T is the reference's own DDIM inversion (over preview_steps) and w this weight.
+    # 0: independent noise per frame, the paper's preview; 1: every frame starts from the
+    # inverted reference, so the reference's colours and layout seed every frame and the
+    # ControlNet moves only the figure (docs/QUALITY.md measures it).
+    preview_from_reference: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.preview_steps < 1:
@@ -127,7 +133,7 @@ class AnimateSettings(SamplingSettings):
                              f"scheduler its DDIM inversion is exact for (generate takes any)")
         if self.cache_mode not in CACHE_MODES:
             raise ValueError(f"cache_mode={self.cache_mode!r}; expected one of {CACHE_MODES}")
-        for name in ("iba_until", "ra_sa_until"):
+        for name in ("iba_until", "ra_sa_until", "preview_from_reference"):
             _fraction(self, name)
 
 
