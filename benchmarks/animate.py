@@ -84,7 +84,8 @@ FAMILIES = {
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0}
 
 STAGES = ("text encoder", "VAE encode", "reference inversion", "preview reference inversion",
-          "preview", "preview inversion", "denoise", "VAE decode", "preview decode")
+          "preview start", "preview", "preview inversion", "denoise", "VAE decode",
+          "preview decode")
 
 
 def log(msg: str) -> None:

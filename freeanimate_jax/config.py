@@ -246,7 +246,10 @@ DEMO_CONFIG: dict[str, Any] = {
     "fps": 8.0,
     "dtype": "float32",
     "sheet_rows": 4,
-    "animate": {"steps": 20, "preview_steps": 20, "guidance_scale": 5.0, "seed": 0},
+    # Every preview frame starts from the reference's DDIM inversion: the reference's colours
+    # and background seed each frame (docs/QUALITY.md: from per-frame noise they drift).
+    "animate": {"steps": 20, "preview_steps": 20, "guidance_scale": 5.0, "seed": 0,
+                "preview_from_reference": 1.0},
 }
 DEMO_GENERATE_CONFIG: dict[str, Any] = {
     # Mirrored by configs/demo_generate.yaml, as DEMO_CONFIG by demo.yaml.

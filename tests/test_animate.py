@@ -14,7 +14,8 @@ from freeanimate_jax.pipelines.animate import AnimateSettings, FreeAnimate
 from tests.helpers import np_anchored_attention
 
 FRAMES = 3  # not a multiple of 8: the sharded run pads to 8 and drops the padding
-# Half the preview's start is the inverted reference: every equivalence below covers the blend.
+# The preview starts from 0.5 x the inverted reference + 0.87 x each frame's noise: every
+# equivalence below covers the blend.
 BASE = AnimateSettings(steps=3, preview_steps=3, guidance_scale=5.0, iba_until=0.67, seed=7,
                        preview_from_reference=0.5)
 
@@ -91,10 +92,30 @@ def test_a_preview_from_the_reference_starts_every_frame_alike(models, inputs):
         preview = FreeAnimate(models, dataclasses.replace(BASE, preview_from_reference=w))(
             reference, same_pose, "a dancer").preview
         spread = max(_maxdiff(preview[0], preview[i]) for i in range(1, FRAMES))
-        assert (spread == 0.0) if alike else (spread > 1e-3), (w, spread)
-    assert AnimateSettings().preview_from_reference == 0.0
-    with pytest.raises(ValueError, match="preview_from_reference"):
-        AnimateSettings(preview_from_reference=1.5)
+        assert (spread <= 1e-6) if alike else (spread > 1e-3), (w, spread)
+
+
+def test_the_preview_starts_from_the_reference_inverted_over_the_preview_steps(models, inputs):
+    """With preview_steps != steps the preview's own reference inversion gives the start: the
+    same preview as passing that z_T as every frame's latents with no blend."""
+    from freeanimate_jax.pipelines.core import execute
+
+    reference, poses = inputs
+    s = dataclasses.replace(BASE, steps=3, preview_steps=2, preview_from_reference=1.0)
+    pipe = FreeAnimate(models, s)
+    host = pipe.host_inputs(reference, poses, pipe.token_ids("a dancer", s.negative_prompt), s)
+    buffers = {**pipe.weights(), **{k: pipe.place(v, a) for k, (v, a) in host.items()}}
+    plan = pipe.plan(s)
+    execute(plan[:[st.name for st in plan].index("preview start")], buffers, None, {})
+    z_t = np.asarray(buffers["preview anchors z_T"])
+    assert z_t.shape == (1, *pipe.latent_shape((TINY_SIZE, TINY_SIZE)))
+    # Not the reference's latent itself, nor its inversion over the final denoise's 3 steps.
+    assert _maxdiff(z_t, buffers["z_ref"]) > 1e-2
+    assert _maxdiff(z_t, buffers["anchors z_T"]) > 1e-4
+    ours = pipe(reference, poses, "a dancer").preview
+    given = pipe(reference, poses, "a dancer", latents=np.repeat(z_t, FRAMES, axis=0),
+                 preview_from_reference=0.0).preview
+    np.testing.assert_array_equal(ours, given)
 
 
 def test_one_device_and_eight_devices_give_the_same_frames(fresh_tiny, inputs, baseline):

@@ -183,6 +183,9 @@ def test_call_time_settings_and_what_fixes_the_program():
         "controlnet_start", "controlnet_end", "iba_until", "ra_sa_until",
         "preview_from_reference"}
     assert s.cfg and not dataclasses.replace(s, guidance_scale=1.0).cfg  # as diffusers
+    assert s.preview_from_reference == 0.0  # each preview frame from its own noise, as before
+    with pytest.raises(ValueError, match="preview_from_reference"):
+        AnimateSettings(preview_from_reference=1.5)
     assert s.with_call(clip_skip=None, seed=4) == dataclasses.replace(s, seed=4)
     with pytest.raises(TypeError, match="unknown setting"):
         s.with_call(guidance=3.0)

@@ -348,7 +348,7 @@ def test_readme_training_commands_run(world):
 
 @pytest.mark.slow
 def test_readme_toy_commands_run_and_stop_as_the_readme_says(world):
-    """The recipe takes hours on a CPU (docs/QUALITY.md) and the ablation most of one: each
+    """The recipe takes hours on a CPU (docs/QUALITY.md) and the ablation about one: each
     runs as written until under way, then stops the README's way (SIGTERM: the build saves and
     exits 75, resumable). pack and eval of the unfinished runs fail with one line, exit 2, and
     write nothing."""

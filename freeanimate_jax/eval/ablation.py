@@ -10,11 +10,16 @@ one seed's noise starts every row of a case):
 - `+ IBA (self)` / `+ IBA (self and cross)`: the whole pipeline with RA-SA off, IBA on the
   decoder's self-attention (and cross-attention) layers;
 - `full FreeAnimate`: RA-SA and IBA as the defaults set them;
-- `full + motion module`: the same with the toy motion module inserted.
+- `full + motion module`: the same with the toy motion module inserted;
+- `..., reference start`: ControlNet alone (caption), + RA-SA, + IBA (self), full and full +
+  motion module again with `preview_from_reference=1`: every preview frame started from the
+  reference's DDIM inversion instead of its own noise (the rows above start from noise, as
+  earlier releases did; the toy demo uses the reference start).
 
-Five pipeline calls per case fill the seven rows: a call's preview and final frames are two rows
-(ControlNet alone with the caption is the preview of the IBA (self) call, + RA-SA the preview
-of the full call). One compiled program serves every case of a call.
+Eight pipeline calls per case fill the twelve rows: a call's preview and final frames are two
+rows (ControlNet alone with the caption is the preview of the IBA (self) call, + RA-SA the
+preview of the full call, and so for the reference start). One compiled program serves every
+case of a call.
 """
 
 from __future__ import annotations
@@ -32,8 +37,11 @@ from freeanimate_jax.toy.data import Case
 GENERIC_PROMPT = "a person"
 SELF = ("up_blocks.*.attentions.*.attn1",)
 SELF_CROSS = (*SELF, "up_blocks.*.attentions.*.attn2")
+REF_START = ", reference start"
 ROWS = ("ControlNet alone, \"a person\"", "ControlNet alone, caption", "+ RA-SA",
-        "+ IBA (self)", "+ IBA (self and cross)", "full FreeAnimate", "full + motion module")
+        "+ IBA (self)", "+ IBA (self and cross)", "full FreeAnimate", "full + motion module",
+        f"ControlNet alone{REF_START}", f"+ RA-SA{REF_START}", f"+ IBA (self){REF_START}",
+        f"full FreeAnimate{REF_START}", f"full + motion module{REF_START}")
 BASELINE = ROWS[1]  # what every row is compared with (`table.differences`)
 
 
@@ -51,13 +59,19 @@ class Call:
 
 def calls() -> list[Call]:
     caption = lambda c: c.appearance.caption  # noqa: E731
+    # Each call sets where its preview starts, whatever the base settings say.
+    noise, ref = {"preview_from_reference": 0.0}, {"preview_from_reference": 1.0}
     off = {"ra_sa_until": 0.0}
     return [
-        Call(lambda c: GENERIC_PROMPT, off, {"preview": ROWS[0]}),
-        Call(caption, off, {"preview": ROWS[1], "frames": ROWS[3]}, iba_layers=SELF),
-        Call(caption, off, {"frames": ROWS[4]}, iba_layers=SELF_CROSS),
-        Call(caption, {}, {"preview": ROWS[2], "frames": ROWS[5]}),
-        Call(caption, {}, {"frames": ROWS[6]}, motion=True),
+        Call(lambda c: GENERIC_PROMPT, {**off, **noise}, {"preview": ROWS[0]}),
+        Call(caption, {**off, **noise}, {"preview": ROWS[1], "frames": ROWS[3]},
+             iba_layers=SELF),
+        Call(caption, {**off, **noise}, {"frames": ROWS[4]}, iba_layers=SELF_CROSS),
+        Call(caption, noise, {"preview": ROWS[2], "frames": ROWS[5]}),
+        Call(caption, noise, {"frames": ROWS[6]}, motion=True),
+        Call(caption, {**off, **ref}, {"preview": ROWS[7], "frames": ROWS[9]}, iba_layers=SELF),
+        Call(caption, ref, {"preview": ROWS[8], "frames": ROWS[10]}),
+        Call(caption, ref, {"frames": ROWS[11]}, motion=True),
     ]
 
 

@@ -218,10 +218,11 @@ def denoise(p: Denoise, unet_state, cn_state, z_t: Array, poses: Array, ctx_c: A
 @compiled
 def preview_start(rt: Runtime, noise: Array, z_ref_t: Array, call: CallValues) -> Array:
     """The preview's starting latents: w * z_ref_T + sqrt(1 - w^2) * noise per frame, w =
-    `call.start` (unit variance kept for independent terms; w = 0 gives `noise` exactly)."""
-    w = call.start.astype(noise.dtype)
-    return rt.constrain(w * z_ref_t.astype(noise.dtype) + jnp.sqrt(1 - w * w) * noise,
-                        FRAMES_4D)
+    `call.start` (unit variance kept for independent terms). Blended in float32, so a bf16
+    run weighs them as set, and w = 0 gives `noise` exactly, w = 1 `z_ref_T`."""
+    w = call.start.astype(jnp.float32)
+    z = w * z_ref_t.astype(jnp.float32) + jnp.sqrt(1 - w * w) * noise.astype(jnp.float32)
+    return rt.constrain(z.astype(noise.dtype), FRAMES_4D)
 
 
 # -- the pipeline -----------------------------------------------------------------------------

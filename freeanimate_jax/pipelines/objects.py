@@ -209,7 +209,8 @@ class FreeAnimatePipeline(_Pipeline):
                  seed: int | None = None, **settings: Any) -> PipelineOutput:
         """`image` (H, W, 3) and `poses` (F, H, W, 3) uint8 at the model size (letterbox with
         `freeanimate_jax.io` first); `latents`: the preview's starting noise, (1, C, F, h, w)
-        or (F, h, w, C); other `AnimateSettings` fields by name (iba_until, cache_mode, ...)."""
+        or (F, h, w, C), blended with the inverted reference by `preview_from_reference`;
+        other `AnimateSettings` fields by name (iba_until, cache_mode, ...)."""
         _check_output(output_type)
         if output_type == "latent" or return_latents:
             raise ValueError("FreeAnimatePipeline returns frames (np or pil): its latents are "

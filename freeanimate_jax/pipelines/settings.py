@@ -7,10 +7,10 @@ Two kinds of field, as diffusers' pipeline arguments are:
   RA-SA, context windows, chunking): changing one compiles the stages again, once, and the
   compiled stages are kept for the next call with the same values;
 - call-time fields (`CALL_TIME`: prompt-side text, seed, guidance, ControlNet scale and range,
-  eta, the IBA/RA-SA step fractions): traced arguments of the compiled stages, accepted per
-  call, never a recompile. Two of their properties do fix the program, as in diffusers: whether
-  classifier-free guidance runs at all (guidance above 1) and whether eta noise is drawn
-  (eta above 0).
+  eta, the IBA/RA-SA step fractions, FreeAnimate's `preview_from_reference`): traced
+  arguments of the compiled stages, accepted per call, never a recompile. Two of their
+  properties do fix the program, as in diffusers: whether classifier-free guidance runs at all
+  (guidance above 1) and whether eta noise is drawn (eta above 0).
 
 Step switches, the same rule in every stage, each over its own step count S (preview, preview
 inversion and final denoise alike; an inversion visits the steps in reverse): the ControlNet
@@ -119,9 +119,9 @@ class AnimateSettings(SamplingSettings):
     cache_mode: str = "hidden"
     # The preview's starting latent of frame i: w * z_ref_T + sqrt(1 - w^2) * noise_i, where
     # z_ref_T is the reference's own DDIM inversion (over preview_steps) and w this weight.
-    # 0: independent noise per frame, the paper's preview; 1: every frame starts from the
-    # inverted reference, so the reference's colours and layout seed every frame and the
-    # ControlNet moves only the figure (docs/QUALITY.md measures it).
+    # 0 (the default, and what earlier releases did): independent noise per frame; 1: every
+    # frame starts from the inverted reference, so the reference's colours and layout seed
+    # every frame and the ControlNet moves only the figure (docs/QUALITY.md measures it).
     preview_from_reference: float = 0.0
 
     def __post_init__(self) -> None:
