@@ -77,7 +77,7 @@ def test_preview_start_blends_the_inverted_reference_into_each_frames_noise():
     def start(w):
         return np.asarray(preview_start(Runtime(), noise, z_ref, CallValues(start=np.float32(w))))
 
-    np.testing.assert_array_equal(start(0.0), noise)  # the paper's preview, bit for bit
+    np.testing.assert_array_equal(start(0.0), noise)  # the noise-start preview, bit for bit
     np.testing.assert_array_equal(start(1.0), np.repeat(z_ref, FRAMES, 0))
     # 0.6 z + 0.8 n: unit variance for independent unit-variance terms.
     np.testing.assert_allclose(start(0.6), 0.6 * z_ref + 0.8 * noise, rtol=1e-6, atol=1e-6)
